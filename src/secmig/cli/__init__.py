@@ -20,8 +20,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+# Piped output has no terminal width; 140 columns keep the tables on one line each.
+console = Console(width=None if sys.stdout.isatty() else 140)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:
@@ -39,23 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``secmig`` script."""
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="secmig")
+    except SystemExit as ex:  # typer's own exits: --help, usage errors (2), typer.Exit
+        return ex.code if isinstance(ex.code, int) else (0 if ex.code is None else 1)
     except SecmigError as err:
         code = 2 if isinstance(err, ConfigError) else 1
         err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
         return code
-    except typer.Exit as ex:
-        return int(ex.exit_code)
-    except typer.Abort:
-        err_console.print("aborted")
-        return 130
-    except Exception as ex:  # click's usage errors
-        import click
-
-        if isinstance(ex, click.ClickException):
-            ex.show()
-            return ex.exit_code
-        raise
     return 0
 
 

@@ -29,7 +29,9 @@ _BYTE_PREFIX = {
     "Ti": 2**40,
 }
 _NUMBER = r"(?P<num>[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)"
-_SIZE_RE = re.compile(rf"^{_NUMBER}(?:(?P<prefix>Ki|Mi|Gi|Ti|k|K|M|G|T)?(?P<unit>B|bit|b)|(?P<pages>pages?))?$")
+_SIZE_RE = re.compile(
+    rf"^{_NUMBER}(?:(?P<prefix>Ki|Mi|Gi|Ti|k|K|M|G|T)?(?P<unit>B|bit|b)|(?P<pages>pages?))?$"
+)
 _RATE_RE = re.compile(
     rf"^{_NUMBER}(?:(?P<prefix>Ki|Mi|Gi|Ti|k|K|M|G|T)?(?P<unit>B|bit|b|bps|Bps)|(?P<pages>pages?))"
     r"(?:/s|ps)?$"
@@ -86,14 +88,14 @@ def parse_size(value: str | int | float) -> int:
     text = value.strip()
     m = _SIZE_RE.match(text)
     if not m:
-        raise UnitError(f"{value!r} is not a size{_hint_size(text)}")
+        raise UnitError(f'"{value}" is not a size{_hint_size(text)}')
     num = float(m.group("num"))
     if m.group("pages"):
-        return int(round(num * PAGE_SIZE))
+        return round(num * PAGE_SIZE)
     factor = _BYTE_PREFIX[m.group("prefix") or ""]
     if m.group("unit") in ("bit", "b"):
-        return int(round(num * factor / 8))
-    return int(round(num * factor))
+        return round(num * factor / 8)
+    return round(num * factor)
 
 
 def parse_rate(value: str | int | float) -> Rate:
@@ -107,7 +109,7 @@ def parse_rate(value: str | int | float) -> Rate:
     text = value.strip()
     m = _RATE_RE.match(text)
     if not m:
-        raise UnitError(f"{value!r} is not a rate (try e.g. 10Gbit/s, 120MB/s, 20000pages/s)")
+        raise UnitError(f'"{value}" is not a rate (try e.g. 10Gbit/s, 120MB/s, 20000pages/s)')
     num = float(m.group("num"))
     if m.group("pages"):
         return Rate(pages_per_s=num)
@@ -121,7 +123,7 @@ def parse_bandwidth(value: str | int | float) -> float:
     """Bytes per second from a rate that must not be in pages (a link's or a NIC's speed)."""
     rate = parse_rate(value)
     if rate.bytes_per_s is None:
-        raise UnitError(f"{value!r} is not a bandwidth: give bytes or bits per second, e.g. 10Gbit/s")
+        raise UnitError(f'"{value}" is not a bandwidth: give bytes or bits per second, e.g. 10Gbit/s')
     return rate.bytes_per_s
 
 
@@ -135,7 +137,7 @@ def parse_duration(value: str | int | float) -> float:
         return float(value)
     m = _DURATION_RE.match(value.strip())
     if not m:
-        raise UnitError(f"{value!r} is not a duration (try e.g. 300ms, 2s, 1min)")
+        raise UnitError(f'"{value}" is not a duration (try e.g. 300ms, 2s, 1min)')
     return float(m.group("num")) * _DURATION_FACTOR[m.group("unit")]
 
 

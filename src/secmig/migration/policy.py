@@ -1,0 +1,90 @@
+"""Stop conditions for pre-copy, as data, with the presets of QEMU, Xen and the paper.
+
+A policy says when the live rounds end: when the VM has *converged* (what is left fits the downtime
+budget, or fewer than Th pages are dirty), or when a cap is reached without converging (rounds, data sent,
+time). On a cap, ``on_nonconvergence`` decides: ``force`` the stop-and-copy anyway, or ``abort`` and leave
+the VM running on its source.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from secmig.errors import ConfigError
+
+NonConvergence = Literal["force", "abort"]
+
+
+@dataclass(frozen=True, slots=True)
+class StopPolicy:
+    """When pre-copy stops iterating, and what happens when it does not converge."""
+
+    name: str
+    downtime_limit_s: float | None = None
+    """Converged when the remaining bytes ÷ measured bandwidth fit in this (QEMU's downtime-limit)."""
+    dirty_pages_threshold: int | None = None
+    """Converged when fewer pages than this are dirty (the paper's and Xen's Th = 50)."""
+    max_rounds: int | None = None
+    """Live rounds (round 0 included) after which pre-copy gives up (Xen: 30)."""
+    max_data_factor: float | None = None
+    """Gives up once this many times the RAM has been sent (Xen and the paper: 3)."""
+    max_time_s: float = 3600.0
+    """Hard cap on the live phase, for every policy."""
+    on_nonconvergence: NonConvergence = "force"
+    abort_if_downtime_over_s: float | None = None
+    """The paper's eq. (3): a stop-and-copy whose estimated downtime exceeds this is not started."""
+
+    def __post_init__(self) -> None:
+        if self.on_nonconvergence not in ("force", "abort"):
+            raise ConfigError(f"policy {self.name}: on_nonconvergence must be force or abort")
+        if self.max_time_s <= 0:
+            raise ConfigError(f"policy {self.name}: max_time_s must be positive")
+
+    def with_overrides(
+        self,
+        *,
+        downtime_limit_s: float | None = None,
+        on_nonconvergence: NonConvergence | None = None,
+        max_time_s: float | None = None,
+    ) -> StopPolicy:
+        """A copy with the given fields changed (None keeps the preset's value)."""
+        p = self
+        if downtime_limit_s is not None:
+            if p.downtime_limit_s is not None:
+                p = replace(p, downtime_limit_s=downtime_limit_s)
+            if p.abort_if_downtime_over_s is not None:
+                p = replace(p, abort_if_downtime_over_s=downtime_limit_s)
+        if on_nonconvergence is not None:
+            p = replace(p, on_nonconvergence=on_nonconvergence)
+        if max_time_s is not None:
+            p = replace(p, max_time_s=max_time_s)
+        return p
+
+
+POLICY_PRESETS: dict[str, StopPolicy] = {
+    # QEMU iterates until the rest fits the downtime limit; it never gives up on its own, so the hard
+    # cap stands for the operator cancelling the job: the VM stays on its source.
+    "qemu": StopPolicy(name="qemu", downtime_limit_s=0.3, max_time_s=1800.0, on_nonconvergence="abort"),
+    # Xen stops at 50 dirty pages, or after 30 rounds or 3 × RAM sent, and then copies what is left.
+    "xen": StopPolicy(
+        name="xen", dirty_pages_threshold=50, max_rounds=30, max_data_factor=3.0, on_nonconvergence="force"
+    ),
+    # The paper: Th = 50 pages; more than 3 × VRAM sent forces the stop; a downtime over its limit
+    # destroys the migration (the VM stays where it was).
+    "paper": StopPolicy(
+        name="paper",
+        dirty_pages_threshold=50,
+        max_data_factor=3.0,
+        on_nonconvergence="force",
+        abort_if_downtime_over_s=0.3,
+    ),
+}
+
+
+def policy_preset(name: str) -> StopPolicy:
+    """The preset called ``name``; a clear error naming the choices otherwise."""
+    try:
+        return POLICY_PRESETS[name]
+    except KeyError:
+        raise ConfigError(f"unknown policy {name!r} (choose from {', '.join(POLICY_PRESETS)})") from None

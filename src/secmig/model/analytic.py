@@ -1,0 +1,151 @@
+"""Closed-form model of pre-copy migration: the paper's equations (1)–(6) and the geometric series.
+
+With V bytes to send in round 0, a link of B bytes/s and pages dirtied at P bytes/s (λ = P / B), round i
+sends V·λ^i and lasts V·λ^i / B. The paper writes the same quantities as ``V·(P/B)^n``. These formulas are
+the reference the simulator is checked against; they assume one flow with the whole bandwidth, dirtying
+that never saturates a working set (the ``sequential`` model below its working set), and no noise.
+:func:`precopy_rounds` iterates the same recurrence for any dirty-page model, for the models that do
+saturate. Pure: no I/O, no simulator.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from secmig.model.units import PAGE_SIZE
+
+PAGE_HEADER_BYTES = 8
+"""Bytes of framing QEMU puts before each page it sends (the page offset and its flags)."""
+
+ZERO_PAGE_WIRE_BYTES = PAGE_HEADER_BYTES + 1
+"""Bytes on the wire for an untouched (all-zero) page: its header and one fill byte, as QEMU sends it."""
+
+PAGE_WIRE_BYTES = PAGE_SIZE + PAGE_HEADER_BYTES
+"""Bytes on the wire for a page with data."""
+
+
+def first_round_bytes(ram_bytes: int, used_bytes: int) -> int:
+    """Wire bytes of round 0: every used page in full, every untouched page as a zero-page marker."""
+    used_pages = math.ceil(used_bytes / PAGE_SIZE)
+    zero_pages = max(math.ceil(ram_bytes / PAGE_SIZE) - used_pages, 0)
+    return used_pages * PAGE_WIRE_BYTES + zero_pages * ZERO_PAGE_WIRE_BYTES
+
+
+# --- the paper's equations -------------------------------------------------------------------------
+
+
+def migration_time(tc_s: float, tsd_s: float) -> float:
+    """Eq. (1): Tmr = Tc + Tsd, the copy phase plus the service downtime."""
+    return tc_s + tsd_s
+
+
+def service_downtime(tmr_s: float, tcycles_s: float) -> float:
+    """Eq. (2): Tsd = Tmr − Tcycles, what is left of the migration time after the live copy cycles."""
+    return tmr_s - tcycles_s
+
+
+def downtime_is_abnormal(tsd_s: float, threshold_s: float) -> bool:
+    """Eq. (3): a downtime above the estimated threshold marks the VM's behaviour as abnormal."""
+    return tsd_s > threshold_s
+
+
+def round_bytes(v_bytes: float, p_bytes_per_s: float, b_bytes_per_s: float, n: int) -> float:
+    """Eq. (4): data sent in round n, V·(P/B)^n (the paper's ``V·[P/B]_n``); below V when P < B."""
+    return v_bytes * (p_bytes_per_s / b_bytes_per_s) ** n
+
+
+def copy_time(v_bytes: float, b_bytes_per_s: float) -> float:
+    """Eq. (5): Tc = V / B, the time of a full copy at bandwidth B (the paper also uses the RTT peak rate)."""
+    return v_bytes / b_bytes_per_s
+
+
+def downtime_data_within_limit(
+    v_bytes: float, p_bytes_per_s: float, b_bytes_per_s: float, n: int, psi: float
+) -> bool:
+    """Eq. (6): the data left for the downtime after n rounds, V·(P/B)^n, is below Ψ·V."""
+    return round_bytes(v_bytes, p_bytes_per_s, b_bytes_per_s, n) < psi * v_bytes
+
+
+# --- the geometric series ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PreCopyEstimate:
+    """What the closed form predicts for one pre-copy migration."""
+
+    live_rounds: int
+    """Rounds sent while the VM runs (round 0 included)."""
+    total_time_s: float
+    downtime_s: float
+    total_bytes: float
+    downtime_bytes: float
+    converged: bool
+
+
+def rounds_to_threshold(v0_bytes: float, lam: float, threshold_bytes: float) -> int | None:
+    """Live rounds n after which the next round's data V·λ^n is at most the threshold; None if never."""
+    if v0_bytes <= threshold_bytes:
+        return 1
+    if lam <= 0.0:
+        return 1
+    if lam >= 1.0:
+        return None
+    return max(1, math.ceil(math.log(threshold_bytes / v0_bytes) / math.log(lam)))
+
+
+def geometric_precopy(
+    v0_bytes: float,
+    dirty_bytes_per_s: float,
+    bandwidth_bytes_per_s: float,
+    threshold_bytes: float,
+    *,
+    latency_s: float = 0.0,
+    max_rounds: int | None = None,
+) -> PreCopyEstimate:
+    """Pre-copy with linear dirtying: round i sends V·λ^i; stop-and-copy once V·λ^n ≤ threshold.
+
+    With ``max_rounds`` the copy is forced after that many live rounds even when it has not converged.
+    """
+    lam = dirty_bytes_per_s / bandwidth_bytes_per_s
+    n = rounds_to_threshold(v0_bytes, lam, threshold_bytes)
+    converged = n is not None and (max_rounds is None or n <= max_rounds)
+    if not converged:
+        if max_rounds is None:
+            return PreCopyEstimate(0, math.inf, math.inf, math.inf, math.inf, False)
+        n = max_rounds
+    assert n is not None
+    live = v0_bytes * n if lam == 1.0 else v0_bytes * (1.0 - lam**n) / (1.0 - lam)
+    last = v0_bytes * lam**n
+    b = bandwidth_bytes_per_s
+    return PreCopyEstimate(
+        live_rounds=n,
+        total_time_s=(live + last) / b + latency_s,
+        downtime_s=last / b + latency_s,
+        total_bytes=live + last,
+        downtime_bytes=last,
+        converged=converged,
+    )
+
+
+def precopy_rounds(
+    v0_bytes: float,
+    dirty_pages: Callable[[float], float],
+    bandwidth_bytes_per_s: float,
+    threshold_bytes: float,
+    *,
+    page_wire_bytes: int = PAGE_WIRE_BYTES,
+    latency_s: float = 0.0,
+    max_rounds: int = 1000,
+) -> PreCopyEstimate:
+    """The same recurrence for any dirty-page model: V_{i+1} = D(V_i / B) pages, iterated to the threshold."""
+    b = bandwidth_bytes_per_s
+    v = v0_bytes
+    live = 0.0
+    for n in range(1, max_rounds + 1):
+        live += v
+        v = dirty_pages(v / b) * page_wire_bytes
+        if v <= threshold_bytes:
+            return PreCopyEstimate(n, (live + v) / b + latency_s, v / b + latency_s, live + v, v, True)
+    return PreCopyEstimate(max_rounds, (live + v) / b + latency_s, v / b + latency_s, live + v, v, False)

@@ -1,0 +1,1 @@
+"""The discrete-event simulator: a fluid network on SimPy, migrations and traffic as processes."""

@@ -1,0 +1,269 @@
+"""The scenario runner: SimPy processes for migrations and application traffic over a fluid network.
+
+A migration process drives a strategy state machine from :mod:`secmig.migration`: each round is a flow
+on the path between the two hosts; when it ends, the VM's dirty-page model says how many pages were
+dirtied meanwhile and the strategy decides what comes next. The VM pauses for the stop-and-copy and
+resumes on the destination once the last byte has crossed the path's latency. Application traffic is
+chunked into flows so that the monitor sees it over time. Every random draw comes from a generator
+seeded by the run's seed and the object's index: same seed, same results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import simpy
+
+from secmig.errors import ConfigError
+from secmig.migration.policy import StopPolicy
+from secmig.migration.precopy import (
+    Aborted,
+    Finished,
+    MigrationStrategy,
+    PreCopyMigration,
+    SendRound,
+    StopAndCopy,
+    StopAndCopyMigration,
+)
+from secmig.migration.result import MigrationResult
+from secmig.model.infra import VM, Infrastructure
+from secmig.sim.network import FluidNetwork, LinkUsage
+from secmig.sim.topology import Topology
+
+Strategy = Literal["precopy", "stop-and-copy"]
+STRATEGIES: tuple[str, ...] = ("precopy", "stop-and-copy")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationSpec:
+    """Move ``vm`` to host ``destination`` at ``at_s`` (after any earlier migration of it has ended)."""
+
+    vm: str
+    destination: str
+    at_s: float = 0.0
+    strategy: Strategy = "precopy"
+    policy: StopPolicy = field(default_factory=lambda: StopPolicy(name="qemu", downtime_limit_s=0.3))
+    max_bandwidth_bytes_per_s: float = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class TrafficSpec:
+    """Application traffic from a VM to another VM (or a host), at up to a rate, for a while."""
+
+    src_vm: str
+    dst: str
+    rate_bytes_per_s: float
+    start_s: float = 0.0
+    duration_s: float = 60.0
+    chunk_s: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class SimulationSpec:
+    """Everything one run needs."""
+
+    name: str
+    infra: Infrastructure
+    vms: tuple[VM, ...]
+    migrations: tuple[MigrationSpec, ...] = ()
+    traffic: tuple[TrafficSpec, ...] = ()
+    seed: int = 0
+    until_s: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FlowRecord:
+    """One finished flow: what the monitor reads at the vSwitches."""
+
+    kind: str
+    """``migration`` or ``app``."""
+    vm: str
+    src_host: str
+    dst_host: str
+    start_s: float
+    end_s: float
+    bytes: float
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """Everything one run produced."""
+
+    name: str
+    seed: int
+    migrations: tuple[MigrationResult, ...]
+    links: tuple[LinkUsage, ...]
+    flows: tuple[FlowRecord, ...]
+    sim_time_s: float
+    wall_time_s: float
+    reshares: int
+
+
+class Simulation:
+    """One run of a :class:`SimulationSpec`."""
+
+    def __init__(self, spec: SimulationSpec, *, record_usage: bool = True, record_flows: bool = True) -> None:
+        self.spec = spec
+        self.env = simpy.Environment()
+        self.net = FluidNetwork(self.env, record_usage=record_usage)
+        self.topo = Topology(spec.infra, self.net)
+        self.vms = {vm.name: vm for vm in spec.vms}
+        if len(self.vms) != len(spec.vms):
+            raise ConfigError("two VMs share a name")
+        for vm in spec.vms:
+            self.topo.datacenter_of(vm.host)
+        self.location = {vm.name: vm.host for vm in spec.vms}
+        self._locks = {name: simpy.Resource(self.env, capacity=1) for name in self.vms}
+        self._seeds = np.random.SeedSequence(spec.seed)
+        self.results: list[MigrationResult] = []
+        self.flows: list[FlowRecord] = []
+        self.record_flows = record_flows
+        self._progress: Callable[[int, int], None] | None = None
+
+    def _vm(self, name: str, where: str) -> VM:
+        try:
+            return self.vms[name]
+        except KeyError:
+            raise ConfigError(f"{where}: unknown vm {name!r}") from None
+
+    def run(self, progress: Callable[[int, int], None] | None = None) -> RunResult:
+        """Run to the end (or ``until_s``); ``progress(done, total)`` is called as migrations end."""
+        self._progress = progress
+        t0 = time.perf_counter()
+        rngs = self._seeds.spawn(len(self.spec.migrations) + len(self.spec.traffic))
+        for i, m in enumerate(self.spec.migrations):
+            self._vm(m.vm, f"migrations[{i}]")
+            self.topo.datacenter_of(m.destination)
+            self.env.process(self._migrate(m, np.random.default_rng(rngs[i])))
+        for j, t in enumerate(self.spec.traffic):
+            self._vm(t.src_vm, f"traffic[{j}]")
+            self.env.process(self._traffic(t))
+        self.env.run(until=self.spec.until_s)
+        self.results.sort(key=lambda r: (r.start_s, r.vm))
+        return RunResult(
+            name=self.spec.name,
+            seed=self.spec.seed,
+            migrations=tuple(self.results),
+            links=tuple(self.net.usage()),
+            flows=tuple(self.flows),
+            sim_time_s=float(self.env.now),
+            wall_time_s=time.perf_counter() - t0,
+            reshares=self.net.reshares,
+        )
+
+    def _record_flow(self, kind: str, vm: str, src: str, dst: str, start: float, nbytes: float) -> None:
+        if self.record_flows:
+            self.flows.append(FlowRecord(kind, vm, src, dst, start, float(self.env.now), nbytes))
+
+    def _migrate(self, spec: MigrationSpec, rng: np.random.Generator) -> simpy.events.ProcessGenerator:
+        env = self.env
+        yield env.timeout(spec.at_s)
+        vm = self.vms[spec.vm]
+        with self._locks[vm.name].request() as turn:
+            yield turn
+            src = self.location[vm.name]
+            strategy: MigrationStrategy
+            if spec.strategy == "stop-and-copy":
+                strategy = StopAndCopyMigration(vm.ram_bytes, vm.used_bytes, vm.device_state_bytes)
+            else:
+                strategy = PreCopyMigration(
+                    vm.ram_bytes, vm.used_bytes, vm.device_state_bytes, policy=spec.policy
+                )
+            start = float(env.now)
+            if src == spec.destination:
+                self._finish(spec, src, start, 0.0, Aborted(f"{vm.name} is already on {src}"), strategy)
+                return
+            path, latency = self.topo.path(src, spec.destination)
+            paused_at: float | None = None
+            action = strategy.start(start)
+            while True:
+                if isinstance(action, SendRound):
+                    t_round = float(env.now)
+                    yield self.net.transfer(
+                        path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s
+                    ).done
+                    self._record_flow("migration", vm.name, src, spec.destination, t_round, action.bytes)
+                    dirty = vm.dirty.dirty_pages(env.now - t_round)
+                    if vm.dirty_noise > 0:
+                        s = vm.dirty_noise
+                        dirty *= rng.lognormal(-s * s / 2, s)
+                    action = strategy.round_done(float(env.now), round(min(dirty, vm.pages)))
+                elif isinstance(action, StopAndCopy):
+                    paused_at = float(env.now)
+                    yield self.net.transfer(
+                        path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s
+                    ).done
+                    self._record_flow("migration", vm.name, src, spec.destination, paused_at, action.bytes)
+                    yield env.timeout(latency)
+                    action = strategy.stop_and_copy_done(float(env.now))
+                else:
+                    downtime = float(env.now) - paused_at if paused_at is not None else 0.0
+                    if isinstance(action, Finished):
+                        self.location[vm.name] = spec.destination
+                    self._finish(spec, src, start, downtime, action, strategy)
+                    return
+
+    def _finish(
+        self,
+        spec: MigrationSpec,
+        src: str,
+        start: float,
+        downtime: float,
+        action: Finished | Aborted,
+        strategy: MigrationStrategy,
+    ) -> None:
+        done = isinstance(action, Finished)
+        self.results.append(
+            MigrationResult(
+                vm=spec.vm,
+                source=src,
+                destination=spec.destination,
+                strategy=spec.strategy,
+                policy=spec.policy.name if spec.strategy == "precopy" else "none",
+                start_s=start,
+                end_s=float(self.env.now),
+                downtime_s=downtime if done else 0.0,
+                converged=action.converged if isinstance(action, Finished) else False,
+                stop_reason=action.reason,
+                outcome="completed" if done else "aborted",
+                rounds=tuple(strategy.rounds),
+            )
+        )
+        if self._progress is not None:
+            self._progress(len(self.results), len(self.spec.migrations))
+
+    def _traffic(self, spec: TrafficSpec) -> simpy.events.ProcessGenerator:
+        env = self.env
+        yield env.timeout(spec.start_s)
+        end = spec.start_s + spec.duration_s
+        while env.now < end - 1e-12:
+            src = self.location[spec.src_vm]
+            dst = self.location.get(spec.dst, spec.dst)
+            path, _ = self.topo.path(src, dst)
+            chunk = min(spec.chunk_s, end - env.now) * spec.rate_bytes_per_s
+            t0 = float(env.now)
+            yield self.net.transfer(path, chunk, cap_bytes_per_s=spec.rate_bytes_per_s).done
+            self._record_flow("app", spec.src_vm, src, dst, t0, chunk)
+
+
+def run(spec: SimulationSpec, progress: Callable[[int, int], None] | None = None) -> RunResult:
+    """Run one simulation."""
+    return Simulation(spec).run(progress)
+
+
+def summarize(results: Sequence[MigrationResult]) -> dict[str, float]:
+    """Aggregate figures of a run's migrations."""
+    done = [r for r in results if r.outcome == "completed"]
+    return {
+        "migrations": float(len(results)),
+        "completed": float(len(done)),
+        "aborted": float(len(results) - len(done)),
+        "mean_total_time_s": float(np.mean([r.total_time_s for r in done])) if done else math.nan,
+        "max_downtime_s": float(max((r.downtime_s for r in done), default=math.nan)),
+        "bytes_sent": float(sum(r.bytes_sent for r in results)),
+    }

@@ -1,0 +1,92 @@
+"""One migration between two hosts, no scenario file: what ``secmig predict`` answers.
+
+The same simulator as for scenarios, on a two-host platform whose NICs have the given bandwidth and
+whose path has the given latency, so a prediction and a scenario run can never disagree.
+"""
+
+from __future__ import annotations
+
+import math
+
+from secmig.errors import ConfigError
+from secmig.migration.policy import NonConvergence, policy_preset
+from secmig.migration.result import MigrationResult
+from secmig.model.dirty import DirtyModel, Hotspot, NoDirtying, Sequential, Uniform
+from secmig.model.infra import VM, Datacenter, Host, Infrastructure
+from secmig.model.units import PAGE_SIZE
+from secmig.sim.engine import MigrationSpec, Simulation, SimulationSpec, Strategy
+
+PATTERNS = ("sequential", "uniform", "hotspot")
+
+
+def dirty_model(
+    pattern: str,
+    rate_pages_per_s: float,
+    working_set_bytes: int,
+    ram_bytes: int,
+    hot_share: float = 0.9,
+) -> DirtyModel:
+    """The dirty-page model called ``pattern``; for ``hotspot`` the working set is the hot set."""
+    if rate_pages_per_s < 0:
+        raise ConfigError(f"dirty rate {rate_pages_per_s} is negative")
+    if rate_pages_per_s == 0:
+        return NoDirtying()
+    w = max(math.ceil(working_set_bytes / PAGE_SIZE), 1)
+    if pattern == "sequential":
+        return Sequential(rate_pages_per_s, w)
+    if pattern == "uniform":
+        return Uniform(rate_pages_per_s, w)
+    if pattern == "hotspot":
+        return Hotspot(rate_pages_per_s, w, math.ceil(ram_bytes / PAGE_SIZE), hot_share)
+    raise ConfigError(f"unknown dirty pattern {pattern!r} (choose from {', '.join(PATTERNS)})")
+
+
+def predict(
+    *,
+    ram_bytes: int,
+    used_bytes: int | None,
+    dirty_rate_pages_per_s: float,
+    working_set_bytes: int | None,
+    pattern: str,
+    bandwidth_bytes_per_s: float,
+    latency_s: float = 0.0,
+    downtime_limit_s: float = 0.3,
+    policy: str = "qemu",
+    strategy: Strategy = "precopy",
+    on_nonconvergence: NonConvergence | None = None,
+    max_time_s: float | None = None,
+    device_state_bytes: int = 0,
+) -> MigrationResult:
+    """Simulate one migration of a VM with these parameters and return its result."""
+    if ram_bytes <= 0:
+        raise ConfigError(f"--ram: {ram_bytes} must be positive")
+    used = ram_bytes if used_bytes is None else used_bytes
+    if not 0 <= used <= ram_bytes:
+        raise ConfigError(f"--used: {used} bytes is more than --ram ({ram_bytes} bytes)")
+    if bandwidth_bytes_per_s <= 0:
+        raise ConfigError("--bandwidth must be positive")
+    ws = used if working_set_bytes is None else working_set_bytes
+    if not 0 < ws <= ram_bytes:
+        raise ConfigError(f"--working-set: {ws} bytes must be positive and at most --ram ({ram_bytes} bytes)")
+    pol = policy_preset(policy).with_overrides(
+        downtime_limit_s=downtime_limit_s, on_nonconvergence=on_nonconvergence, max_time_s=max_time_s
+    )
+    hosts = tuple(
+        Host(name, "dc", bandwidth_bytes_per_s, math.inf, latency_s) for name in ("source", "destination")
+    )
+    vm = VM(
+        name="vm",
+        host="source",
+        ram_bytes=ram_bytes,
+        used_bytes=used,
+        dirty=dirty_model(pattern, dirty_rate_pages_per_s, ws, ram_bytes),
+        device_state_bytes=device_state_bytes,
+    )
+    spec = SimulationSpec(
+        name="predict",
+        infra=Infrastructure((Datacenter("dc"),), hosts),
+        vms=(vm,),
+        migrations=(MigrationSpec("vm", "destination", 0.0, strategy, pol),),
+    )
+    result = Simulation(spec, record_usage=False, record_flows=False).run()
+    return result.migrations[0]
