@@ -20,7 +20,11 @@ datacenters:
     hosts:
       - {{name: "h{{i}}", count: 2, nic: 1Gbit/s}}
 vms:
-  - {{name: a, host: h1, ram: 1GiB, used: 512MiB, dirty: {{pattern: uniform, rate: 5000pages/s, working_set: 256MiB}}}}
+  - name: a
+    host: h1
+    ram: 1GiB
+    used: 512MiB
+    dirty: {{pattern: uniform, rate: 5000pages/s, working_set: 256MiB}}
   - {{name: b, host: h1, ram: {ram_b}}}
   - {{name: c, host: h2, ram: 1GiB}}
   - {{name: d, host: h2, ram: 1GiB}}
