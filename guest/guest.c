@@ -5,8 +5,8 @@
  *     ws=64M         working set, bytes (K, M, G suffixes are binary; an optional "iB"/"B" is accepted)
  *     rate=20000     page writes per second; 0 writes as fast as the vCPU can
  *     pattern=seq    seq (cyclic sweep), rand (uniform over the working set) or hot (hotspot)
- *     hot=10         hot pattern: the hot set, in percent of the working set
- *     hotshare=90    hot pattern: percent of the writes that land in the hot set
+ *     hotshare=90    hot pattern: percent of the writes that land in the working set (the hot set);
+ *                    the others fall uniformly on all the RAM above it (the cold set)
  *     seed=1         seed of the random patterns
  *
  * Every write dirties one 4 KiB page of the working set with a non-zero word (so QEMU cannot send it
@@ -45,7 +45,7 @@ struct guest_status {
     uint64_t state;
     uint64_t mem_bytes;  /* RAM the guest saw (multiboot mem_upper + 1 MiB) */
     uint64_t ws_base;
-    uint64_t hot_pages;
+    uint64_t cold_pages; /* hot pattern: pages above the working set that take the other writes */
     uint64_t hot_share;  /* percent */
     uint64_t version;
     uint64_t lagged;     /* times the pacing fell 100 ms behind and dropped its backlog */
@@ -213,7 +213,7 @@ static const char *parse_num(const char *s, uint64_t *out, int allow_suffix)
 }
 
 struct params {
-    uint64_t ws_bytes, rate, pattern, hot_pct, hot_share, seed;
+    uint64_t ws_bytes, rate, pattern, hot_share, seed;
     int bad;
 };
 
@@ -229,8 +229,6 @@ static void parse_cmdline(const char *s, struct params *p)
             end = parse_num(s + 3, &p->ws_bytes, 1);
         else if (starts_with(s, "rate="))
             end = parse_num(s + 5, &p->rate, 0);
-        else if (starts_with(s, "hot="))
-            end = parse_num(s + 4, &p->hot_pct, 0);
         else if (starts_with(s, "hotshare="))
             end = parse_num(s + 9, &p->hot_share, 0);
         else if (starts_with(s, "seed="))
@@ -275,7 +273,7 @@ static inline uint32_t xorshift32(void)
     return x;
 }
 
-static uint32_t ws_pages, hot_pages, hot_share, pattern, seq_next;
+static uint32_t ws_pages, cold_pages, hot_share, pattern, seq_next;
 
 static inline void touch(uint32_t page, uint32_t stamp)
 {
@@ -297,9 +295,9 @@ static inline uint32_t next_page(void)
     case PATTERN_RAND:
         return xorshift32() % ws_pages;
     default:
-        if (hot_pages >= ws_pages || xorshift32() % 100u < hot_share)
-            return xorshift32() % hot_pages;
-        return hot_pages + xorshift32() % (ws_pages - hot_pages);
+        if (cold_pages == 0 || xorshift32() % 100u < hot_share)
+            return xorshift32() % ws_pages;
+        return ws_pages + xorshift32() % cold_pages;
     }
 }
 
@@ -329,20 +327,17 @@ void kmain(uint32_t magic, const struct multiboot_info *mbi)
     uint64_t mem_bytes = ((uint64_t)mbi->mem_upper << 10) + (1u << 20);
     guest_status.mem_bytes = mem_bytes;
 
-    struct params p = {.ws_bytes = 64u << 20, .rate = 0, .pattern = PATTERN_SEQ, .hot_pct = 10, .hot_share = 90,
-                       .seed = 1, .bad = 0};
+    struct params p = {.ws_bytes = 64u << 20, .rate = 0, .pattern = PATTERN_SEQ, .hot_share = 90, .seed = 1, .bad = 0};
     if (mbi->flags & (1u << 2))
         parse_cmdline((const char *)(uintptr_t)mbi->cmdline, &p);
-    if (p.bad || p.hot_pct == 0 || p.hot_pct > 100 || p.hot_share > 100)
+    if (p.bad || p.hot_share > 100)
         fail(ERR_BAD_ARG, "bad command line");
     if (p.ws_bytes + WS_BASE > mem_bytes || p.ws_bytes < 4096)
         fail(ERR_WS_TOO_BIG, "working set does not fit in RAM");
 
     ws_pages = (uint32_t)(p.ws_bytes >> PAGE_SHIFT);
     pattern = (uint32_t)p.pattern;
-    hot_pages = (uint32_t)(((uint64_t)ws_pages * p.hot_pct) / 100);
-    if (hot_pages == 0)
-        hot_pages = 1;
+    cold_pages = p.pattern == PATTERN_HOT ? (uint32_t)((mem_bytes - WS_BASE - p.ws_bytes) >> PAGE_SHIFT) : 0;
     hot_share = (uint32_t)p.hot_share;
     rng_state = (uint32_t)p.seed ? (uint32_t)p.seed : 1u;
 
@@ -350,7 +345,7 @@ void kmain(uint32_t magic, const struct multiboot_info *mbi)
     guest_status.ws_base = WS_BASE;
     guest_status.rate = p.rate;
     guest_status.pattern = pattern;
-    guest_status.hot_pages = hot_pages;
+    guest_status.cold_pages = cold_pages;
     guest_status.hot_share = hot_share;
 
     uint64_t hz = calibrate_tsc_hz();

@@ -74,10 +74,10 @@ class GuestParams:
     working_set_bytes: int = 64 << 20
     rate_pages_per_s: int = 20_000
     pattern: Pattern = "seq"
-    hot_percent: int = 10
-    """hot pattern: the hot set, in percent of the working set."""
     hot_share_percent: int = 90
-    """hot pattern: percent of the writes that land in the hot set."""
+    """hot pattern: percent of the writes that land in the working set (the hot set); the others fall
+    uniformly on all the RAM above it — :class:`secmig.model.dirty.Hotspot` with the working set as
+    its hot set, as ``secmig predict`` reads ``--pattern hotspot``."""
     seed: int = 1
 
     def __post_init__(self) -> None:
@@ -87,8 +87,8 @@ class GuestParams:
             raise ConfigError(f"guest write rate: {self.rate_pages_per_s} is negative")
         if self.pattern not in PATTERNS:
             raise ConfigError(f"guest pattern: {self.pattern!r} is not one of {', '.join(PATTERNS)}")
-        if not 1 <= self.hot_percent <= 100 or not 0 <= self.hot_share_percent <= 100:
-            raise ConfigError("hot pattern: hot set and hot share are percentages (hot set ≥ 1)")
+        if not 0 <= self.hot_share_percent <= 100:
+            raise ConfigError(f"hot pattern: hot share {self.hot_share_percent} is not a percentage")
 
     @property
     def working_set_pages(self) -> int:
@@ -102,7 +102,7 @@ class GuestParams:
         """The kernel command line for QEMU's ``-append``."""
         ws_kib = self.working_set_bytes // 1024
         return (
-            f"ws={ws_kib}K rate={self.rate_pages_per_s} pattern={self.pattern} hot={self.hot_percent} "
+            f"ws={ws_kib}K rate={self.rate_pages_per_s} pattern={self.pattern} "
             f"hotshare={self.hot_share_percent} seed={self.seed}"
         )
 
@@ -120,7 +120,7 @@ class GuestStatus:
     state: GuestState
     mem_bytes: int
     ws_base: int
-    hot_pages: int
+    cold_pages: int
     hot_share_percent: int
     version: int
     lagged: int
@@ -147,7 +147,7 @@ class GuestStatus:
             state=GuestState(state) if state in GuestState._value2member_map_ else GuestState.ERROR,
             mem_bytes=words[8],
             ws_base=words[9],
-            hot_pages=words[10],
+            cold_pages=words[10],
             hot_share_percent=words[11],
             version=words[12],
             lagged=words[13],

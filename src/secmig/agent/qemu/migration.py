@@ -113,9 +113,9 @@ class MigrationMeasurement:
 
     @property
     def rounds(self) -> int:
-        """Bitmap syncs after the initial one: QEMU's count of pre-copy iterations (the last is the
-        stop-and-copy's)."""
-        return max(self.dirty_sync_count - 1, 0)
+        """Rounds, the stop-and-copy included: QEMU syncs the dirty bitmap once before each (an idle
+        guest gives 2: the full copy, then the stop-and-copy), as ``len(MigrationResult.rounds)``."""
+        return self.dirty_sync_count
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
