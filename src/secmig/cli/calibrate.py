@@ -115,6 +115,7 @@ def calibrate(
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)8.0f %(name)s: %(message)s")
 
+    cal.find_qemu(qemu_binary)  # before anything is printed: a missing QEMU is the one line said
     if not as_json:
         err_console.print(
             f"booting two QEMUs ({config.ram_bytes >> 20} MiB, working set "

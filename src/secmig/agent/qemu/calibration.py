@@ -21,7 +21,14 @@ from pathlib import Path
 
 from secmig.agent.qemu.errors import GuestError, QemuError
 from secmig.agent.qemu.guest import PATTERN_TO_MODEL, GuestParams, build_guest
-from secmig.agent.qemu.machine import Accel, AccelChoice, MachineConfig, QemuMachine, choose_accel, find_qemu
+from secmig.agent.qemu.machine import (
+    Accel,
+    AccelChoice,
+    MachineConfig,
+    QemuMachine,
+    choose_accel,
+    find_qemu,
+)
 from secmig.agent.qemu.migration import (
     MigrationMeasurement,
     MigrationSettings,
@@ -30,6 +37,20 @@ from secmig.agent.qemu.migration import (
     migrate,
 )
 from secmig.errors import ConfigError
+
+__all__ = [
+    "GUEST_BASE_USED_BYTES",
+    "CalibrationConfig",
+    "CalibrationRun",
+    "ComparisonRow",
+    "Prediction",
+    "calibrate",
+    "cloudsim_prediction",
+    "compare",
+    "find_qemu",
+    "predict_for",
+    "run_calibration",
+]
 
 GUEST_BASE_USED_BYTES = 512 << 10
 """Non-zero RAM besides the working set (BIOS data, option ROM copies, the kernel): about 130 pages,
