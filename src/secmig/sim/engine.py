@@ -74,6 +74,8 @@ class SimulationSpec:
     traffic: tuple[TrafficSpec, ...] = ()
     seed: int = 0
     until_s: float | None = None
+    usage_bin_s: float = 0.1
+    """Link utilisation is reported as the mean load over bins of this length."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +112,7 @@ class Simulation:
     def __init__(self, spec: SimulationSpec, *, record_usage: bool = True, record_flows: bool = True) -> None:
         self.spec = spec
         self.env = simpy.Environment()
-        self.net = FluidNetwork(self.env, record_usage=record_usage)
+        self.net = FluidNetwork(self.env, record_usage=record_usage, usage_bin_s=spec.usage_bin_s)
         self.topo = Topology(spec.infra, self.net)
         self.vms = {vm.name: vm for vm in spec.vms}
         if len(self.vms) != len(spec.vms):

@@ -56,9 +56,10 @@ class Flow:
 
 @dataclass(frozen=True, slots=True)
 class LinkUsage:
-    """A link's load over time: at ``times_s[k]`` its total rate became ``load_bytes_per_s[k]``."""
+    """A link's load over time: its mean rate over each bin of ``bin_s`` seconds starting at ``times_s``."""
 
     link: Link
+    bin_s: float
     times_s: FloatArray
     load_bytes_per_s: FloatArray
 
@@ -66,11 +67,15 @@ class LinkUsage:
         cap = self.link.capacity_bytes_per_s
         return self.load_bytes_per_s / cap if math.isfinite(cap) and cap > 0 else np.zeros_like(self.times_s)
 
+    def carried_bytes(self) -> float:
+        """Everything the link carried during the run (exact: bins hold integrals, not samples)."""
+        return float(self.load_bytes_per_s.sum() * self.bin_s)
+
 
 class FluidNetwork:
     """Links, flows and the max-min fair share of the one among the other."""
 
-    def __init__(self, env: simpy.Environment, *, record_usage: bool = True) -> None:
+    def __init__(self, env: simpy.Environment, *, record_usage: bool = True, usage_bin_s: float = 0.1) -> None:
         self.env = env
         self.links: list[Link] = []
         self._by_name: dict[str, int] = {}
@@ -92,7 +97,12 @@ class FluidNetwork:
         self._update_pending = False
         self._version = 0
         self._load = np.zeros(0)
-        self._usage_t: list[float] = []
+        # Link usage is integrated exactly between re-shares and kept as the mean load of each time bin,
+        # sparse over links: memory grows with bins × busy links, not with the number of events.
+        self.usage_bin_s = usage_bin_s
+        self._bin = 0
+        self._acc = np.zeros(0)
+        self._usage_bin: list[int] = []
         self._usage_idx: list[IntArray] = []
         self._usage_val: list[FloatArray] = []
         self.reshares = 0
@@ -109,11 +119,15 @@ class FluidNetwork:
             raise SimulationError("links must be added before the first flow starts")
         self._by_name[link.name] = len(self.links)
         self.links.append(link)
-        # One extra, infinitely wide link pads short paths.
-        self._cap_links = np.array([lk.capacity_bytes_per_s for lk in self.links] + [np.inf])
-        self._finite = np.isfinite(self._cap_links)
-        self._load = np.zeros(len(self.links) + 1)
+        self._cap_links = np.zeros(0)  # rebuilt by _ensure_links before the next re-share
         return len(self.links) - 1
+
+    def _ensure_links(self) -> None:
+        if len(self._cap_links) != len(self.links) + 1:
+            # One extra, infinitely wide link pads short paths.
+            self._cap_links = np.array([lk.capacity_bytes_per_s for lk in self.links] + [np.inf])
+            self._finite = np.isfinite(self._cap_links)
+            self._load = np.zeros(len(self.links) + 1)
 
     def link_index(self, name: str) -> int:
         return self._by_name[name]
@@ -183,24 +197,17 @@ class FluidNetwork:
         return out
 
     def usage(self) -> list[LinkUsage]:
-        """The recorded load of every link over time (a step function)."""
-        n = len(self.links)
-        if not self._usage_t:
-            return [LinkUsage(lk, np.zeros(1), np.zeros(1)) for lk in self.links]
-        counts = np.array([len(ix) for ix in self._usage_idx])
-        times = np.repeat(np.array(self._usage_t), counts)
-        idx = np.concatenate(self._usage_idx)
-        val = np.concatenate(self._usage_val)
-        order = np.argsort(idx, kind="stable")
-        idx, times, val = idx[order], times[order], val[order]
-        bounds = np.searchsorted(idx, np.arange(n + 1))
-        out = []
-        for i, lk in enumerate(self.links):
-            a, b = bounds[i], bounds[i + 1]
-            t = np.concatenate(([0.0], times[a:b])) if a == b or times[a] > 0 else times[a:b]
-            v = np.concatenate(([0.0], val[a:b])) if a == b or times[a] > 0 else val[a:b]
-            out.append(LinkUsage(lk, t, v))
-        return out
+        """The mean load of every link in each time bin, from the first bin to the last busy one."""
+        self._ensure_links()
+        self._accumulate(self._last_t, float(self.env.now))
+        self._flush_bin(final=True)
+        n, b = len(self.links), self.usage_bin_s
+        n_bins = (max(self._usage_bin) + 1) if self._usage_bin else 1
+        dense = np.zeros((n, n_bins))
+        for k, idx, val in zip(self._usage_bin, self._usage_idx, self._usage_val, strict=True):
+            dense[idx, k] = val
+        times = np.arange(n_bins) * b
+        return [LinkUsage(lk, b, times, dense[i]) for i, lk in enumerate(self.links)]
 
     # --- internals -------------------------------------------------------------------------------------
 
@@ -222,12 +229,49 @@ class FluidNetwork:
         self._max_hops = hops
 
     def _advance(self) -> None:
-        now = self.env.now
+        now = float(self.env.now)
         dt = now - self._last_t
         if dt > 0:
             act = self._active
             self._remaining[act] -= self._rate[act] * dt
+            if self.record_usage:
+                self._accumulate(self._last_t, now)
         self._last_t = now
+
+    def _accumulate(self, t0: float, t1: float) -> None:
+        """Add the (constant) current load over [t0, t1] to the bins it spans."""
+        if not self.record_usage:
+            return
+        if len(self._acc) != len(self._load):
+            self._acc = np.zeros(len(self._load))
+        b = self.usage_bin_s
+        busy = bool(self._load.any())
+        while t0 < t1:
+            bin_end = (self._bin + 1) * b
+            if not busy and t1 >= bin_end:  # idle: skip whole bins at once
+                self._flush_bin()
+                self._bin = int(t1 // b)
+                t0 = t1 if t1 < (self._bin + 1) * b else self._bin * b
+                continue
+            seg_end = min(t1, bin_end)
+            self._acc += self._load * (seg_end - t0)
+            t0 = seg_end
+            if seg_end >= bin_end:
+                self._flush_bin()
+                self._bin += 1
+
+    def _flush_bin(self, final: bool = False) -> None:
+        n = len(self.links)
+        if len(self._acc) == 0:
+            return
+        nz = np.flatnonzero(self._acc[:n] > 0)
+        if nz.size:
+            self._usage_bin.append(self._bin)
+            self._usage_idx.append(nz)
+            self._usage_val.append(self._acc[nz] / self.usage_bin_s)
+        self._acc[:] = 0.0
+        if final:
+            self._bin += 1
 
     def _release(self, slot: int) -> None:
         self._active[slot] = False
@@ -261,6 +305,11 @@ class FluidNetwork:
                 flow.end_s = self.env.now
                 self._release(int(slot))
                 flow.done.succeed(flow)
+            if finished.size:
+                # Whoever waited on these flows runs next, at this same instant, and usually starts the
+                # next round: re-share once after that instead of now and again then.
+                self._request_update()
+                return
         self._reshare()
         self._version += 1
         act = np.flatnonzero(self._active)
@@ -277,6 +326,7 @@ class FluidNetwork:
     def _reshare(self) -> None:
         """Max-min fair rates of all active flows, by vectorised progressive filling."""
         self.reshares += 1
+        self._ensure_links()
         act = np.flatnonzero(self._active)
         n_links = len(self.links)
         new_load: FloatArray
@@ -313,14 +363,9 @@ class FluidNetwork:
             new_load = np.bincount(
                 paths.ravel(), weights=np.repeat(rates, paths.shape[1]), minlength=n_links + 1
             ).astype(np.float64)
-        if self.record_usage:
-            changed = np.flatnonzero(np.abs(new_load[:n_links] - self._load[:n_links]) > 1e-6)
-            if changed.size:
-                self._usage_t.append(self.env.now)
-                self._usage_idx.append(changed)
-                self._usage_val.append(new_load[changed])
         self._load = new_load
 
     def load_of(self, link: int) -> float:
         """The total rate on a link right now."""
+        self._ensure_links()
         return float(self._load[link])

@@ -122,6 +122,7 @@ class ScenarioModel(_Model):
     description: str = ""
     seed: int = 0
     until: Duration | None = None
+    usage_bin: Duration = Field(default=0.1, gt=0)
     defaults: DefaultsModel = DefaultsModel()
     datacenters: list[DatacenterModel] = Field(min_length=1)
     wan: list[WanModel] = []
@@ -310,4 +311,5 @@ def build_spec(model: ScenarioModel, source: str, base_dir: Path) -> SimulationS
         traffic=tuple(traffic),
         seed=model.seed,
         until_s=model.until,
+        usage_bin_s=model.usage_bin,
     )
