@@ -83,7 +83,8 @@ def main() -> int:
     rounds = sum(len(m.rounds) for m in run.migrations)
     print(f"hosts={len(spec.infra.hosts)} migrations={len(run.migrations)} completed={done}")
     print(
-        f"simulated: {run.sim_time_s:.1f} s, mean migration {mean_t:.1f} s, {rounds} rounds, {run.reshares} re-shares"
+        f"simulated: {run.sim_time_s:.1f} s, mean migration {mean_t:.1f} s, "
+        f"{rounds} rounds, {run.reshares} re-shares"
     )
     print(f"wall time: {wall:.3f} s simulating + {setup:.3f} s building the platform = {wall + setup:.3f} s")
     print(f"migrations simulated per second: {len(run.migrations) / (wall + setup):,.0f} (platform included)")

@@ -139,7 +139,7 @@ def simulate(
 @app.command()
 def validate(scenario: Annotated[Path, typer.Argument(help="Scenario YAML file.")]) -> None:
     """Check a scenario file without running it."""
-    model, spec = load_scenario(scenario)
+    _, spec = load_scenario(scenario)
     console.print(
         f"{scenario}: ok — {len(spec.infra.datacenters)} datacenters, {len(spec.infra.hosts)} hosts, "
         f"{len(spec.vms)} VMs, {len(spec.migrations)} migrations, {len(spec.traffic)} traffic flows"

@@ -139,7 +139,7 @@ def migration_row(m: Any) -> tuple[Any, ...]:
 def round_rows(run: RunResult) -> Iterator[tuple[Any, ...]]:
     for i, m in enumerate(run.migrations):
         for r in m.rounds:
-            yield (i, r.index, r.start_s, r.duration_s, r.pages, r.zero_pages, r.bytes, r.dirty_pages_after, int(r.live))
+            yield (i, r.index, r.start_s, r.duration_s, r.pages, r.zero_pages, r.bytes, r.dirty_pages_after, r.live)
 
 
 def run_to_dict(run: RunResult) -> dict[str, Any]:

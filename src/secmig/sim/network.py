@@ -75,7 +75,9 @@ class LinkUsage:
 class FluidNetwork:
     """Links, flows and the max-min fair share of the one among the other."""
 
-    def __init__(self, env: simpy.Environment, *, record_usage: bool = True, usage_bin_s: float = 0.1) -> None:
+    def __init__(
+        self, env: simpy.Environment, *, record_usage: bool = True, usage_bin_s: float = 0.1
+    ) -> None:
         self.env = env
         self.links: list[Link] = []
         self._by_name: dict[str, int] = {}
@@ -206,7 +208,7 @@ class FluidNetwork:
         dense = np.zeros((n, n_bins))
         for k, idx, val in zip(self._usage_bin, self._usage_idx, self._usage_val, strict=True):
             dense[idx, k] = val
-        times = np.arange(n_bins) * b
+        times = np.arange(n_bins, dtype=np.float64) * b
         return [LinkUsage(lk, b, times, dense[i]) for i, lk in enumerate(self.links)]
 
     # --- internals -------------------------------------------------------------------------------------
