@@ -241,6 +241,14 @@ class Cluster:
             raise ConfigError(f"{d / 'vsignature.json'}: {err}") from err
         return HostIdentity(host_id, load_private_key(d / "host.key"), _load_cert(d / "host.pem"), cred)
 
+    def host_identity_public(self, host_id: str) -> bytes:
+        """A member's raw public key, from its Vsignature (no private key is read)."""
+        path = self._host_dir(host_id) / "vsignature.json"
+        try:
+            return Vsignature.from_json(_read_json(path)).public_key
+        except DocumentFormatError as err:
+            raise ConfigError(f"{path}: {err}") from err
+
     def members(self) -> list[MemberInfo]:
         """Every host that ever joined, with its revocation status."""
         rl = self.revocations()
