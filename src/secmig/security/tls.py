@@ -26,7 +26,7 @@ EXPORTER_LABEL = b"EXPORTER-Channel-Binding"
 EXPORTER_BYTES = 32
 _READ_CHUNK = 16 * 1024 + 256
 """A TLS record carries at most 16 KiB of plaintext; reading more per call only allocates more."""
-_BIO_CHUNK = 4 * 1024 * 1024
+_BIO_CHUNK = 2 * 1024 * 1024
 
 # X509_V_ERR_* codes we name in refusals; others are reported by number.
 _VERIFY_ERRORS = {
