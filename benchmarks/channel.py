@@ -34,8 +34,8 @@ from secmig.security import (
     PageBatch,
     Role,
     RoundStart,
+    frames,
 )
-from secmig.security import frames
 from secmig.security.events import NEED_DATA
 from secmig.security.loopback import ConnectionPair
 
@@ -51,8 +51,11 @@ def _secure_pair(root: Path, page_count: int) -> ConnectionPair:
     request = MigrationRequest(Operation.MIGRATE, "vm-bench", PAGE, page_count, grant, binding)
     src = MigrationConnection.source(cluster.host_identity("hv-a"), cluster.trust(), request, audit=MemoryAuditSink())
     dst = MigrationConnection.destination(
-        cluster.host_identity("hv-b"), cluster.trust(), nonces=MemoryNonceStore(),
-        bindings=MemoryBindingRegistry(), audit=MemoryAuditSink(),
+        cluster.host_identity("hv-b"),
+        cluster.trust(),
+        nonces=MemoryNonceStore(),
+        bindings=MemoryBindingRegistry(),
+        audit=MemoryAuditSink(),
     )
     pair = ConnectionPair(src, dst)
     pair.pump()
@@ -135,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     plain_runs = [plain_run(batches, page_count) for _ in range(args.repeats)]
     assert all(n == len(memory) for n, _, _ in secure_runs + plain_runs)
     secure, plain = _best(secure_runs), _best(plain_runs)
-    print(f"page-batch throughput: {args.mib} MiB of {PAGE}-byte pages, {len(batches[0][0])} pages per batch, best of {args.repeats}")
+    print(
+        f"page-batch throughput: {args.mib} MiB of {PAGE}-byte pages, "
+        f"{len(batches[0][0])} pages per batch, best of {args.repeats}"
+    )
     print(f"{'':28} {'secure (TLS 1.3)':>18} {'plain framing':>15} {'ratio':>7}")
     for i, label in enumerate(("both ends on one core", "per end (two hosts)")):
         print(f"{label:28} {secure[i] / 1e6:13.0f} MB/s {plain[i] / 1e6:10.0f} MB/s {secure[i] / plain[i]:7.2f}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,7 +105,7 @@ class Setup:
             nonces=self.nonces,
             bindings=self.bindings,
             audit=self.destination_audit,
-            **kwargs,  # type: ignore[arg-type]
+            **kwargs,
         )
         return ConnectionPair(source, destination, tamper=tamper)
 
@@ -131,7 +131,7 @@ def run_precopy(
     dest = bytearray(len(memory))
     dirty = set(range(page_count))
 
-    def apply(events: list[object]) -> None:
+    def apply(events: Sequence[object]) -> None:
         for ev in events:
             if isinstance(ev, PageBatch):
                 mv = memoryview(ev.data)

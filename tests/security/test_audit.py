@@ -68,9 +68,7 @@ def test_inserted_row_with_valid_chain_detected(log_path: tuple[Path, object]) -
     conn = sqlite3.connect(path)
     prev = conn.execute("SELECT hash FROM audit WHERE seq = 5").fetchone()[0]
     row = (6, 1, "grant.used", "allow", "hv-a", "vm-x", "{}")
-    conn.execute(
-        "INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, prev, _row_hash(prev, *row))
-    )
+    conn.execute("INSERT INTO audit VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (*row, prev, _row_hash(prev, *row)))
     conn.commit()
     conn.close()
     assert not verify_audit_log(path).ok

@@ -55,8 +55,31 @@ def test_cli_grant_and_check_binding(tmp_path: Path, capsys: pytest.CaptureFixtu
     main(["cluster", "join", "hv-b", "-c", str(root)])
     b = tmp_path / "b.json"
     g = tmp_path / "g.json"
-    assert main(["cluster", "bind", "vm-1", "--mac", "52:54:00:00:00:01", "--host", "hv-a", "-o", str(b), "-c", str(root)]) == 0
-    assert main(["cluster", "grant", "migrate", "vm-1", "--from", "hv-a", "--to", "hv-b", "--binding", str(b), "-o", str(g), "-c", str(root)]) == 0
+    assert (
+        main(["cluster", "bind", "vm-1", "--mac", "52:54:00:00:00:01", "--host", "hv-a", "-o", str(b), "-c", str(root)])
+        == 0
+    )
+    assert (
+        main(
+            [
+                "cluster",
+                "grant",
+                "migrate",
+                "vm-1",
+                "--from",
+                "hv-a",
+                "--to",
+                "hv-b",
+                "--binding",
+                str(b),
+                "-o",
+                str(g),
+                "-c",
+                str(root),
+            ]
+        )
+        == 0
+    )
     base = ["cluster", "check-binding", str(b), "--vm", "vm-1", "--mac", "52:54:00:00:00:01", "-c", str(root)]
     assert main([*base, "--host", "hv-a"]) == 0
     assert main([*base, "--host", "hv-b"]) == 1
@@ -140,8 +163,14 @@ def test_grant_signature_covers_next_binding(tmp_path: Path) -> None:
     g = c.issue_grant(Operation.MIGRATE, "vm-1", "hv-a", "hv-b", current_binding=b)
     assert g.next_binding is not None
     forged = replace(g, next_binding=replace(g.next_binding, host_id="hv-c"))
-    kwargs = {"now": time.time(), "operation": Operation.MIGRATE, "vm_id": "vm-1", "source_host": "hv-a",
-              "destination_host": "hv-b", "current_binding": b}
+    kwargs = {
+        "now": time.time(),
+        "operation": Operation.MIGRATE,
+        "vm_id": "vm-1",
+        "source_host": "hv-a",
+        "destination_host": "hv-b",
+        "current_binding": b,
+    }
     check_grant(g, c.trust().roots(), **kwargs)  # type: ignore[arg-type]
     with pytest.raises(AuthorizationError):
         check_grant(forged, c.trust().roots(), **kwargs)  # type: ignore[arg-type]

@@ -18,8 +18,8 @@ from secmig.security import (
     State,
     memory_digest,
 )
-from secmig.security.protocol import TRANSITIONS, next_state
 from secmig.security.frames import FrameType
+from secmig.security.protocol import TRANSITIONS, next_state
 
 
 def test_precopy_migration_digests_match(setup: Setup) -> None:

@@ -96,7 +96,9 @@ def cluster_list(cluster: ClusterOpt = None) -> None:
     for col in ("host", "status", "MACs", "key", "expires"):
         table.add_column(col)
     for m in c.members():
-        status = "revoked" if m.revoked else ("expired" if m.expires_at <= dt.datetime.now(dt.UTC).timestamp() else "member")
+        status = (
+            "revoked" if m.revoked else ("expired" if m.expires_at <= dt.datetime.now(dt.UTC).timestamp() else "member")
+        )
         table.add_row(m.host_id, status, ", ".join(m.macs) or "-", m.key_fingerprint, _when(m.expires_at))
     console.print(table)
 
@@ -115,7 +117,10 @@ def cluster_revoke(
 @cluster_app.command("operator")
 def cluster_operator(
     name: Annotated[str, typer.Argument(help="Operator name.")],
-    op: Annotated[list[str], typer.Option("--op", help="Operation it may grant (repeatable): migrate, copy, move, clone, template.")],
+    op: Annotated[
+        list[str],
+        typer.Option("--op", help="Operation it may grant (repeatable): migrate, copy, move, clone, template."),
+    ],
     vm: Annotated[list[str] | None, typer.Option("--vm", help="VM id glob (repeatable, default *).")] = None,
     host: Annotated[list[str] | None, typer.Option("--host", help="Host id glob (repeatable, default *).")] = None,
     cluster: ClusterOpt = None,
@@ -163,11 +168,19 @@ def cluster_grant(
         assert isinstance(doc, LocationBinding)
         current = doc
     grant = _open(cluster).issue_grant(
-        parse_operation(operation), vm, source, destination, ttl_s=_duration(ttl, "--ttl"), issuer=issuer,
-        current_binding=current, new_mac=new_mac,
+        parse_operation(operation),
+        vm,
+        source,
+        destination,
+        ttl_s=_duration(ttl, "--ttl"),
+        issuer=issuer,
+        current_binding=current,
+        new_mac=new_mac,
     )
     write_document(out, grant)
-    console.print(f"grant {grant.operation.value} {vm} {source} → {destination} until {_when(grant.expires_at)} written to {out}")
+    console.print(
+        f"grant {grant.operation.value} {vm} {source} → {destination} until {_when(grant.expires_at)} written to {out}"
+    )
 
 
 @cluster_app.command("check-binding")

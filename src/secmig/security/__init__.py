@@ -70,4 +70,5 @@ __all__ = [
     "Vsignature",
     "memory_digest",
     "verify_audit_log",
+    "verify_location",
 ]

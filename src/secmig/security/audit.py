@@ -90,9 +90,7 @@ class MemoryAuditSink:
     def record(self, event: str, decision: str, subject: str, detail: Detail | None = None) -> None:
         """Append one decision."""
         self.records.append(
-            AuditRecord(
-                len(self.records) + 1, time.time(), event, decision, self.actor, subject, dict(detail or {})
-            )
+            AuditRecord(len(self.records) + 1, time.time(), event, decision, self.actor, subject, dict(detail or {}))
         )
 
     def events(self) -> list[str]:
@@ -149,9 +147,7 @@ class AuditLog:
                     log_id = os.urandom(32)
                     self._write_head(log_id, 0, log_id)
                 elif bytes(head[1]) != raw_public_key(signer):
-                    raise AuditError(
-                        f"{path}: audit log belongs to another key ({fingerprint(bytes(head[1]))})"
-                    )
+                    raise AuditError(f"{path}: audit log belongs to another key ({fingerprint(bytes(head[1]))})")
         except sqlite3.Error as err:
             raise AuditError(f"{path}: cannot initialise audit log: {err}") from err
 
@@ -193,9 +189,7 @@ class AuditLog:
                     "SELECT log_id, seq, hash FROM audit_head WHERE id = 1"
                 ).fetchone()
                 seq += 1
-                row_hash = _row_hash(
-                    bytes(prev), seq, ts_us, event, decision, self.actor, subject, detail_text
-                )
+                row_hash = _row_hash(bytes(prev), seq, ts_us, event, decision, self.actor, subject, detail_text)
                 self._conn.execute(
                     "INSERT INTO audit (seq, ts_us, event, decision, actor, subject, detail, prev_hash, hash)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -242,9 +236,7 @@ def read_records(path: Path) -> list[AuditRecord]:
         except ValueError:
             parsed = {"unparsed": str(detail)}
         out.append(
-            AuditRecord(
-                seq, ts_us / 1e6, event, decision, actor, subject, parsed if isinstance(parsed, dict) else {}
-            )
+            AuditRecord(seq, ts_us / 1e6, event, decision, actor, subject, parsed if isinstance(parsed, dict) else {})
         )
     return out
 
@@ -256,9 +248,7 @@ def verify_audit_log(path: Path, trusted_keys: Iterable[Ed25519PublicKey] | None
     conn = _connect(path)
     problems: list[str] = []
     try:
-        head = conn.execute(
-            "SELECT log_id, seq, hash, signer, signature FROM audit_head WHERE id = 1"
-        ).fetchone()
+        head = conn.execute("SELECT log_id, seq, hash, signer, signature FROM audit_head WHERE id = 1").fetchone()
         rows = conn.execute(
             "SELECT seq, ts_us, event, decision, actor, subject, detail, prev_hash, hash FROM audit ORDER BY seq"
         ).fetchall()
@@ -291,9 +281,7 @@ def verify_audit_log(path: Path, trusted_keys: Iterable[Ed25519PublicKey] | None
         expected_seq += 1
     last_seq = rows[-1][0] if rows else 0
     if head_seq != last_seq or head_hash != prev:
-        problems.append(
-            f"signed head names row {head_seq}, log ends at row {last_seq} (rows cut off or added)"
-        )
+        problems.append(f"signed head names row {head_seq}, log ends at row {last_seq} (rows cut off or added)")
     try:
         signer = public_key_from_raw(signer_raw)
         head_ok = verify_document(signer, _HEAD_KIND, _head_payload(log_id, head_seq, head_hash), signature)

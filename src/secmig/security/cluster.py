@@ -141,9 +141,7 @@ class Cluster:
         self.root = root
         meta_path = root / "cluster.json"
         if not meta_path.exists():
-            raise ConfigError(
-                f"{root}: not a cluster directory (no cluster.json); run `secmig cluster init {root}`"
-            )
+            raise ConfigError(f"{root}: not a cluster directory (no cluster.json); run `secmig cluster init {root}`")
         meta = _read_json(meta_path)
         try:
             self.cluster_id = check_id(str(meta["cluster_id"]), "cluster id")
@@ -186,9 +184,7 @@ class Cluster:
                 "authority_public_key": b64encode(raw_public_key(key)),
             },
         )
-        _write_json(
-            root / "revocations.json", RevocationList(cluster_id, 0, now_i, ()).signed_by(key).to_json()
-        )
+        _write_json(root / "revocations.json", RevocationList(cluster_id, 0, now_i, ()).signed_by(key).to_json())
         (root / "policy.yaml").write_text(Policy().to_yaml(), encoding="utf-8")
         cluster = cls(root)
         cluster._audit("cluster.init", "allow", cluster_id, {"name": name, "authority": fingerprint(key)})
@@ -295,9 +291,7 @@ class Cluster:
         norm_macs = tuple(normalize_mac(m, f"--mac for {host_id}") for m in macs)
         if self.revocations().is_revoked(host_id):
             self._audit("join", "refuse", host_id, {"reason": "revoked"})
-            raise AuthenticationError(
-                f"host {host_id!r} is revoked in cluster {self.cluster_id}; it cannot rejoin"
-            )
+            raise AuthenticationError(f"host {host_id!r} is revoked in cluster {self.cluster_id}; it cannot rejoin")
         if d.exists():
             raise ConfigError(f"host {host_id!r} is already a member of cluster {self.cluster_id} ({d})")
         authority = self.authority_key()
@@ -306,12 +300,10 @@ class Cluster:
         # 63 random bits: unique enough for one cluster, and an exact integer in every JSON reader.
         serial = secrets.randbits(63) | 1
         expires = min(now_i + int(validity_s), int(ca.not_valid_after_utc.timestamp()))
-        cert = make_host_certificate(
-            authority, ca, key.public_key(), self.cluster_id, host_id, serial, now_i, expires
+        cert = make_host_certificate(authority, ca, key.public_key(), self.cluster_id, host_id, serial, now_i, expires)
+        cred = Vsignature(self.cluster_id, host_id, raw_public_key(key), norm_macs, serial, now_i, expires).signed_by(
+            authority
         )
-        cred = Vsignature(
-            self.cluster_id, host_id, raw_public_key(key), norm_macs, serial, now_i, expires
-        ).signed_by(authority)
         d.mkdir(mode=0o700)
         write_private_key(d / "host.key", key)
         (d / "host.pem").write_bytes(certificate_pem(cert))
@@ -424,7 +416,8 @@ class Cluster:
                 raise ConfigError(f"{operation.value} needs the VM's current binding (--binding FILE)")
             if current_binding.vm_id != vm_id or current_binding.host_id != source_host:
                 raise ConfigError(
-                    f"binding places VM {current_binding.vm_id!r} on {current_binding.host_id!r}, not {vm_id!r} on {source_host!r}"
+                    f"binding places VM {current_binding.vm_id!r} on {current_binding.host_id!r}, "
+                    f"not {vm_id!r} on {source_host!r}"
                 )
             next_binding = LocationBinding(
                 self.cluster_id,

@@ -42,9 +42,7 @@ _MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 def check_id(value: str, what: str) -> str:
     """A host, VM, operator or cluster id: 1–63 of ``[A-Za-z0-9._-]``, safe as a file name."""
     if not _ID_RE.match(value):
-        raise ConfigError(
-            f"{what} {value!r}: use 1-63 letters, digits, '.', '_' or '-', starting alphanumeric"
-        )
+        raise ConfigError(f"{what} {value!r}: use 1-63 letters, digits, '.', '_' or '-', starting alphanumeric")
     return value
 
 
@@ -156,9 +154,7 @@ class RevocationList:
             "cluster_id": self.cluster_id,
             "number": self.number,
             "issued_at": self.issued_at,
-            "revoked": [
-                {"host_id": r.host_id, "revoked_at": r.revoked_at, "reason": r.reason} for r in self.revoked
-            ],
+            "revoked": [{"host_id": r.host_id, "revoked_at": r.revoked_at, "reason": r.reason} for r in self.revoked],
         }
 
     def signed_by(self, key: Ed25519PrivateKey) -> RevocationList:
@@ -261,9 +257,7 @@ def check_vsignature(
     The message names the check that failed but never echoes key material.
     """
     if not verify_document(authority, Vsignature.KIND, cred.payload(), cred.signature):
-        raise AuthenticationError(
-            f"host {cred.host_id!r}: Vsignature is not signed by this cluster's authority"
-        )
+        raise AuthenticationError(f"host {cred.host_id!r}: Vsignature is not signed by this cluster's authority")
     if cred.cluster_id != cluster_id:
         raise AuthenticationError(f"host {cred.host_id!r}: Vsignature is for cluster {cred.cluster_id!r}")
     if now >= cred.expires_at:
@@ -276,7 +270,5 @@ def check_vsignature(
 
 def check_revocation_list(rl: RevocationList, *, authority: Ed25519PublicKey, cluster_id: str) -> None:
     """Refuse a revocation list that the authority did not sign or that belongs to another cluster."""
-    if rl.cluster_id != cluster_id or not verify_document(
-        authority, RevocationList.KIND, rl.payload(), rl.signature
-    ):
+    if rl.cluster_id != cluster_id or not verify_document(authority, RevocationList.KIND, rl.payload(), rl.signature):
         raise AuthenticationError("revocation list is not signed by this cluster's authority")

@@ -106,9 +106,7 @@ def encode_page_batch(
         raise ValueError("one 32-byte digest per page is required")
     length = _BATCH_HEAD.size + count * (8 + DIGEST_BYTES + page_size)
     if length > MAX_FRAME_PAYLOAD:
-        raise ValueError(
-            f"batch of {count} pages exceeds the frame cap; send at most {max_batch_pages(page_size)}"
-        )
+        raise ValueError(f"batch of {count} pages exceeds the frame cap; send at most {max_batch_pages(page_size)}")
     return b"".join(
         (
             HEADER.pack(FrameType.PAGE_BATCH, length),
@@ -135,24 +133,18 @@ class DecodedBatch:
     data: memoryview
 
 
-def decode_page_batch(
-    payload: bytes | bytearray | memoryview, page_size: int, page_count: int
-) -> DecodedBatch:
+def decode_page_batch(payload: bytes | bytearray | memoryview, page_size: int, page_count: int) -> DecodedBatch:
     """Split a PAGE_BATCH payload; RemoteProtocolError when its shape or page numbers are wrong."""
     mv = memoryview(payload)
     if len(mv) < _BATCH_HEAD.size:
         raise RemoteProtocolError("page batch: shorter than its header")
     round_no, count = _BATCH_HEAD.unpack_from(mv)
     if count == 0 or len(mv) != _BATCH_HEAD.size + count * (8 + DIGEST_BYTES + page_size):
-        raise RemoteProtocolError(
-            f"page batch: length {len(mv)} does not fit {count} pages of {page_size} bytes"
-        )
+        raise RemoteProtocolError(f"page batch: length {len(mv)} does not fit {count} pages of {page_size} bytes")
     numbers_end = _BATCH_HEAD.size + 8 * count
     numbers = struct.unpack_from(f">{count}Q", mv, _BATCH_HEAD.size)
     if max(numbers) >= page_count:
-        raise RemoteProtocolError(
-            f"page batch: page number {max(numbers)} beyond the VM's {page_count} pages"
-        )
+        raise RemoteProtocolError(f"page batch: page number {max(numbers)} beyond the VM's {page_count} pages")
     digests_end = numbers_end + DIGEST_BYTES * count
     return DecodedBatch(round_no, numbers, mv[numbers_end:digests_end], mv[digests_end:])
 

@@ -199,9 +199,7 @@ def check_grant(
         raise AuthorizationError(f"{label}: signature does not verify")
     if grant.issuer != AUTHORITY:
         rule = roots.policy.operator(grant.issuer)
-        if rule is None or not rule.allows(
-            grant.operation, grant.vm_id, (grant.source_host, grant.destination_host)
-        ):
+        if rule is None or not rule.allows(grant.operation, grant.vm_id, (grant.source_host, grant.destination_host)):
             raise AuthorizationError(f"{label}: operator {grant.issuer!r} may not grant this")
     if grant.expires_at - grant.issued_at > MAX_GRANT_LIFETIME_S:
         raise AuthorizationError(f"{label}: lifetime longer than {MAX_GRANT_LIFETIME_S} s")
@@ -216,9 +214,7 @@ def check_grant(
     if grant.source_host != source_host:
         raise AuthorizationError(f"{label}: names source {grant.source_host!r}, peer is {source_host!r}")
     if grant.destination_host != destination_host:
-        raise AuthorizationError(
-            f"{label}: names destination {grant.destination_host!r}, not {destination_host!r}"
-        )
+        raise AuthorizationError(f"{label}: names destination {grant.destination_host!r}, not {destination_host!r}")
     if operation.relocates:
         _check_next_binding(grant, roots, current_binding)
 

@@ -43,9 +43,7 @@ def fingerprint(key: Ed25519PublicKey | Ed25519PrivateKey | bytes) -> str:
 
 def write_private_key(path: Path, key: Ed25519PrivateKey) -> None:
     """Write ``key`` as PKCS#8 PEM, created 0600 from the start (never world-readable, even briefly)."""
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_KEY_MODE)
     except FileExistsError as err:

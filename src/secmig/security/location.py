@@ -93,6 +93,4 @@ def verify_location(
         return destroy(f"announced MAC {vm_mac} differs from the bound {binding.vm_mac}")
     if latest_epoch is not None and binding.epoch < latest_epoch:
         return destroy(f"binding epoch {binding.epoch} is older than the accepted epoch {latest_epoch}")
-    return LocationVerdict(
-        LocationAction.CONTINUE, f"VM {vm_id!r} on {host_id!r}: binding epoch {binding.epoch} valid"
-    )
+    return LocationVerdict(LocationAction.CONTINUE, f"VM {vm_id!r} on {host_id!r}: binding epoch {binding.epoch} valid")

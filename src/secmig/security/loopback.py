@@ -25,9 +25,7 @@ class ConnectionPair:
     destination: MigrationConnection
     tamper: Tamper | None = None
     wire: dict[Role, list[bytes]] = field(default_factory=lambda: {Role.SOURCE: [], Role.DESTINATION: []})
-    events: dict[Role, list[ReceivedEvent]] = field(
-        default_factory=lambda: {Role.SOURCE: [], Role.DESTINATION: []}
-    )
+    events: dict[Role, list[ReceivedEvent]] = field(default_factory=lambda: {Role.SOURCE: [], Role.DESTINATION: []})
 
     def end(self, role: Role) -> MigrationConnection:
         """The connection playing ``role``."""

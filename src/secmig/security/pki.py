@@ -97,9 +97,7 @@ def make_host_certificate(
             x509.SubjectAlternativeName([x509.UniformResourceIdentifier(host_uri(cluster_id, host_id))]),
             critical=False,
         )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, None)
     )
 

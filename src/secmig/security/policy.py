@@ -97,7 +97,7 @@ class Policy:
 
     def with_operator(self, rule: OperatorRule) -> Policy:
         """This policy with ``rule`` added or replacing the rule of the same name."""
-        return Policy(tuple(r for r in self.operators if r.name != rule.name) + (rule,))
+        return Policy((*(r for r in self.operators if r.name != rule.name), rule))
 
     def to_yaml(self) -> str:
         """The policy file's text."""

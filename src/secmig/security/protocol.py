@@ -28,6 +28,7 @@ nonce store and binding registry are injected too, so this module itself does no
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import struct
 import time
@@ -205,9 +206,7 @@ class MigrationConnection:
     ) -> MigrationConnection:
         """The sending end (TLS client): it asks for ``request`` and, once authorized, sends the memory."""
         if request.page_size <= 0 or request.page_size > frames.MAX_PAGE_SIZE or request.page_count <= 0:
-            raise LocalProtocolError(
-                f"bad memory geometry: {request.page_count} pages of {request.page_size} bytes"
-            )
+            raise LocalProtocolError(f"bad memory geometry: {request.page_count} pages of {request.page_size} bytes")
         return cls(Role.SOURCE, identity, trust, audit=audit, request=request, clock=clock)
 
     @classmethod
@@ -222,9 +221,7 @@ class MigrationConnection:
         clock: Callable[[], float] = time.time,
     ) -> MigrationConnection:
         """The receiving end (TLS server): it checks the source and its grant before accepting any page."""
-        return cls(
-            Role.DESTINATION, identity, trust, audit=audit, nonces=nonces, bindings=bindings, clock=clock
-        )
+        return cls(Role.DESTINATION, identity, trust, audit=audit, nonces=nonces, bindings=bindings, clock=clock)
 
     def _trust(self) -> ClusterTrust:
         src = self._trust_source
@@ -320,9 +317,7 @@ class MigrationConnection:
                 abort_code = AbortCode(code)
             except ValueError:
                 abort_code = AbortCode.PROTOCOL
-            self._record(
-                "migration.aborted", "refuse", {"by": "peer", "code": abort_code.name, "reason": reason}
-            )
+            self._record("migration.aborted", "refuse", {"by": "peer", "code": abort_code.name, "reason": reason})
             return Aborted(abort_code, reason, by_peer=True)
         if ftype is FrameType.SOURCE_HELLO:
             return self._on_source_hello(payload)
@@ -345,7 +340,8 @@ class MigrationConnection:
             round_no, pages = frames.decode_round_end(payload)
             if round_no != self.current_round or pages != self._round_pages:
                 raise RemoteProtocolError(
-                    f"round end says round {round_no} with {pages} pages; received round {self.current_round} with {self._round_pages}"
+                    f"round end says round {round_no} with {pages} pages; "
+                    f"received round {self.current_round} with {self._round_pages}"
                 )
             return RoundEnd(round_no, pages)
         if ftype is FrameType.STOP_AND_COPY:
@@ -395,11 +391,7 @@ class MigrationConnection:
         """Vsignature valid and unrevoked, same key and host as the TLS certificate, proof bound to this session."""
         trust.check_member(cred, self._clock())
         cert = self._tls.peer_certificate()
-        if (
-            cert is None
-            or certificate_raw_key(cert) != cred.public_key
-            or certificate_host_id(cert) != cred.host_id
-        ):
+        if cert is None or certificate_raw_key(cert) != cred.public_key or certificate_host_id(cert) != cred.host_id:
             raise AuthenticationError(f"host {cred.host_id!r}: Vsignature does not match the TLS certificate")
         payload = _proof_payload(self.role.peer, cred.cluster_id, cred.host_id, self._tls.exporter())
         if not verify_document(public_key_from_raw(cred.public_key), PROOF_KIND, payload, proof):
@@ -418,9 +410,7 @@ class MigrationConnection:
         page_size = get_int(req, "page_size", minimum=1)
         page_count = get_int(req, "page_count", minimum=1)
         if page_size > frames.MAX_PAGE_SIZE or page_count > frames.MAX_PAGE_COUNT:
-            raise RemoteProtocolError(
-                f"source hello: {page_count} pages of {page_size} bytes is out of range"
-            )
+            raise RemoteProtocolError(f"source hello: {page_count} pages of {page_size} bytes is out of range")
         grant_doc, binding_doc = doc.get("grant"), doc.get("binding")
         if not (grant_doc is None or isinstance(grant_doc, dict)) or not (
             binding_doc is None or isinstance(binding_doc, dict)
@@ -452,9 +442,7 @@ class MigrationConnection:
             },
         )
         self._digest_table = frames.zero_page_table(page_size, page_count)
-        self.authorized = Authorized(
-            cred.host_id, operation, vm_id, page_size, page_count, grant.next_binding
-        )
+        self.authorized = Authorized(cred.host_id, operation, vm_id, page_size, page_count, grant.next_binding)
         hello: JsonObject = {
             "vsignature": self.identity.vsignature.to_json(),
             "proof": b64encode(self._proof()),
@@ -482,7 +470,8 @@ class MigrationConnection:
             raise AuthorizationError(str(err)) from err
         if binding.vm_id != vm_id or binding.host_id != source_host:
             raise AuthorizationError(
-                f"VM {vm_id!r}: binding places VM {binding.vm_id!r} on {binding.host_id!r}, not on the source {source_host!r}"
+                f"VM {vm_id!r}: binding places VM {binding.vm_id!r} on {binding.host_id!r}, "
+                f"not on the source {source_host!r}"
             )
         assert self._bindings is not None and self._nonces is not None
         latest = self._bindings.latest_epoch(vm_id)
@@ -538,9 +527,7 @@ class MigrationConnection:
         assert auth is not None and table is not None
         batch = frames.decode_page_batch(payload, auth.page_size, auth.page_count)
         if batch.round_no != self.current_round:
-            raise RemoteProtocolError(
-                f"page batch for round {batch.round_no} during round {self.current_round}"
-            )
+            raise RemoteProtocolError(f"page batch for round {batch.round_no} during round {self.current_round}")
         bad = frames.first_bad_page(batch, auth.page_size)
         if bad is not None:
             return self._refuse(
@@ -583,9 +570,7 @@ class MigrationConnection:
             self.current_round, self._round_pages = event.round_no, 0
         elif isinstance(event, RoundEnd):
             if event.round_no != self.current_round:
-                raise LocalProtocolError(
-                    f"round {event.round_no} is not the current round {self.current_round}"
-                )
+                raise LocalProtocolError(f"round {event.round_no} is not the current round {self.current_round}")
             self._send_frame(FrameType.ROUND_END, frames.encode_round_end(event.round_no, self._round_pages))
         elif isinstance(event, StopAndCopy):
             self._send_frame(FrameType.STOP_AND_COPY, b"")
@@ -616,9 +601,7 @@ class MigrationConnection:
                 f"no page may be sent in state {self.state.value} (not authorized or not in a round)"
             )
         if event.round_no != self.current_round:
-            raise LocalProtocolError(
-                f"page batch for round {event.round_no} during round {self.current_round}"
-            )
+            raise LocalProtocolError(f"page batch for round {event.round_no} during round {self.current_round}")
         if event.page_numbers and (min(event.page_numbers) < 0 or max(event.page_numbers) >= auth.page_count):
             raise LocalProtocolError(f"page numbers must be in [0, {auth.page_count})")
         try:
@@ -639,9 +622,7 @@ class MigrationConnection:
     def _send_encoded(self, ftype: FrameType, frame: bytes) -> None:
         new = next_state(self.role, self.state, ftype)
         if new is None:
-            raise LocalProtocolError(
-                f"{self.role.value} may not send {ftype.name} in state {self.state.value}"
-            )
+            raise LocalProtocolError(f"{self.role.value} may not send {ftype.name} in state {self.state.value}")
         try:
             self._tls.send(frame)
         except TlsFailure as failure:
@@ -649,9 +630,7 @@ class MigrationConnection:
         self.state = new
 
     def _send_abort(self, event: Abort) -> bytes:
-        self._record(
-            "migration.aborted", "refuse", {"by": "local", "code": event.code.name, "reason": event.reason}
-        )
+        self._record("migration.aborted", "refuse", {"by": "local", "code": event.code.name, "reason": event.reason})
         if self.state in ABORTABLE_AFTER_TLS:
             self._try_send_abort(event.code, event.reason)
         self.state = State.ABORTED
@@ -661,17 +640,14 @@ class MigrationConnection:
 
     def _record(self, event: str, decision: str, detail: Detail) -> None:
         subject = self._subject or (self._request.vm_id if self._request else None) or self.peer_host or "?"
-        self._audit.record(
-            event, decision, subject, {"role": self.role.value, "host": self.identity.host_id, **detail}
-        )
+        self._audit.record(event, decision, subject, {"role": self.role.value, "host": self.identity.host_id, **detail})
 
     def _try_send_abort(self, code: AbortCode, reason: str) -> None:
         if self.state not in ABORTABLE_AFTER_TLS:
             return
-        try:
+        # If the channel is already broken, the peer sees a TLS alert or a closed transport instead.
+        with contextlib.suppress(TlsFailure):
             self._tls.send(frames.encode_frame(FrameType.ABORT, frames.encode_abort(code, reason)))
-        except TlsFailure:
-            pass  # the channel is already broken; the peer will see a TLS alert or a closed transport instead
 
     def _refuse(self, code: AbortCode, audit_event: str, reason: str, grant: Grant | None = None) -> Aborted:
         detail: Detail = {"peer": self.peer_host, "reason": reason}

@@ -39,9 +39,7 @@ class SqliteHostState:
         try:
             # A nonce can be forgotten once its grant is past expiry (plus skew): the grant itself is refused then.
             self._conn.execute("DELETE FROM used_nonces WHERE expires_at < ?", (int(now) - CLOCK_SKEW_S,))
-            self._conn.execute(
-                "INSERT INTO used_nonces (nonce, expires_at) VALUES (?, ?)", (nonce, expires_at)
-            )
+            self._conn.execute("INSERT INTO used_nonces (nonce, expires_at) VALUES (?, ?)", (nonce, expires_at))
         except sqlite3.IntegrityError:
             return False
         except sqlite3.Error as err:
