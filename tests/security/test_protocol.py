@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import PAGE, VM, Setup, run_precopy
+from security_helpers import PAGE, VM, Setup, run_precopy
 
 from secmig.errors import LocalProtocolError
 from secmig.security import (

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import VM, Setup
 from cryptography import x509
 from cryptography.x509.oid import NameOID
+from security_helpers import VM, Setup
 
 from secmig.errors import LocalProtocolError
 from secmig.security import Aborted, Authorized, Cluster, HostIdentity, Operation, PageBatch, Role, RoundStart

@@ -8,9 +8,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import PAGE, Setup, run_precopy
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from security_helpers import PAGE, Setup, run_precopy
 
 from secmig.errors import LocalProtocolError, RemoteProtocolError
 from secmig.security import (
