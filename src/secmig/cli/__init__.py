@@ -33,7 +33,7 @@ def fail(message: str, code: int = 1) -> typer.Exit:
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
-    from secmig.cli import calibrate, security, sim  # noqa: F401
+    from secmig.cli import calibrate, report, security, sim  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

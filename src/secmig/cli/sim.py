@@ -66,6 +66,7 @@ def migrations_table(results: tuple[MigrationResult, ...], title: str) -> Table:
 
 
 def _run_and_store(spec: SimulationSpec, scenario_text: str, out: Path) -> tuple[RunResult, int, Path]:
+    from secmig.cli.report import write_run_report
     from secmig.results.store import export_run, save_run
 
     sim = Simulation(spec)
@@ -88,6 +89,7 @@ def _run_and_store(spec: SimulationSpec, scenario_text: str, out: Path) -> tuple
     run_id = save_run(db, run, scenario_text)
     export_dir = out / f"{spec.name}-run{run_id}"
     export_run(run, export_dir)
+    write_run_report(db, run_id, export_dir)
     return run, run_id, export_dir
 
 
@@ -104,6 +106,7 @@ def _print_run(run: RunResult, run_id: int, out: Path, export_dir: Path) -> None
     console.print(
         f"results: run {run_id} in [bold]{out / 'secmig.sqlite'}[/]; JSON and CSV in [bold]{export_dir}/[/]"
     )
+    console.print(f"report: [bold]{export_dir / 'report.html'}[/]")
 
 
 def _with_seed(spec: SimulationSpec, seed: int | None) -> SimulationSpec:

@@ -1,7 +1,9 @@
 """Runs in a SQLite file, each written in one transaction, and their export as JSON and CSV.
 
 Schema (one row per …): ``runs`` (run), ``migrations`` (migration), ``rounds`` (round of a migration),
-``link_usage`` (change of a link's load), ``flows`` (finished flow: what the monitor reads).
+``link_usage`` (change of a link's load), ``flows`` (finished flow: what the monitor reads),
+``monitor_events`` (one verdict of the traffic monitor: created empty here, filled by the monitor, read by
+the report; :data:`MONITOR_EVENT_COLUMNS` is its contract).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import math
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any
@@ -54,6 +56,17 @@ CREATE TABLE IF NOT EXISTS flows (
     run_id INTEGER NOT NULL, kind TEXT NOT NULL, vm TEXT NOT NULL, src_host TEXT NOT NULL,
     dst_host TEXT NOT NULL, start_s REAL NOT NULL, end_s REAL NOT NULL, bytes REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS monitor_events (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    t_s REAL NOT NULL,          -- simulated time of the verdict
+    vm TEXT NOT NULL,           -- the VM whose traffic was judged
+    vswitch TEXT NOT NULL,      -- the vSwitch (link name) where it was observed
+    rule TEXT NOT NULL,         -- the rule that fired, e.g. "rtt-peaks" or "data-over-3x-vram"
+    level TEXT NOT NULL,        -- LOW, MEDIUM or HIGH
+    action TEXT NOT NULL,       -- continue, check or destroy
+    evidence TEXT NOT NULL      -- JSON object: the measured figures behind the verdict
+);
+CREATE INDEX IF NOT EXISTS monitor_events_run ON monitor_events(run_id, t_s);
 """
 
 MIGRATION_COLUMNS = (
@@ -61,6 +74,9 @@ MIGRATION_COLUMNS = (
     "pages_sent converged stop_reason outcome"
 ).split()
 ROUND_COLUMNS = "migration_idx idx start_s duration_s pages zero_pages bytes dirty_pages_after live".split()
+MONITOR_EVENT_COLUMNS = "t_s vm vswitch rule level action evidence".split()
+"""Columns of ``monitor_events`` after ``run_id``, in order: what the monitor inserts, what the report reads."""
+MONITOR_LEVELS = ("LOW", "MEDIUM", "HIGH")
 
 
 @contextmanager
@@ -114,6 +130,26 @@ def save_run(db_path: Path, run: RunResult, scenario_text: str) -> int:
         except sqlite3.Error as err:
             raise SecmigError(f"{db_path}: could not write the run: {err}") from err
     return int(run_id)
+
+
+def save_monitor_events(db_path: Path, run_id: int, events: Iterable[Sequence[Any]]) -> int:
+    """Append the monitor's verdicts for a stored run, in one transaction; return how many were written.
+
+    Each event is a tuple in :data:`MONITOR_EVENT_COLUMNS` order; ``evidence`` is a JSON text.
+    """
+    rows = [(run_id, *e) for e in events]
+    for row in rows:
+        if len(row) != len(MONITOR_EVENT_COLUMNS) + 1:
+            raise SecmigError(f"monitor event {row!r}: expected the columns {', '.join(MONITOR_EVENT_COLUMNS)}")
+    with connect(db_path) as conn:
+        try:
+            with conn:
+                conn.executemany(
+                    f"INSERT INTO monitor_events VALUES (?, {', '.join('?' * len(MONITOR_EVENT_COLUMNS))})", rows
+                )
+        except sqlite3.Error as err:
+            raise SecmigError(f"{db_path}: could not write monitor events: {err}") from err
+    return len(rows)
 
 
 def migration_row(m: Any) -> tuple[Any, ...]:
