@@ -29,50 +29,39 @@ def test_no_dirtying_takes_used_memory_over_bandwidth_plus_latency() -> None:
     )
     assert r.total_time_s == pytest.approx(3 * GiB / BW + 0.001, rel=0.01)
     assert r.converged and r.outcome == "completed"
-    assert r.downtime_s == pytest.approx(0.001)
+    # QEMU stops once what is left fits the budget: at most 300 ms of (mostly used) pages, plus latency.
+    assert 0.001 < r.downtime_s <= 0.3 + 0.001
 
 
 @pytest.mark.parametrize("lam", [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9])
 def test_uniform_dirtying_matches_the_closed_form(lam: float) -> None:
-    """One flow, no contention: simulator and closed-form recurrence agree within 2 % on time and data."""
-    ram, ws = 4 * GiB, 4 * GiB
+    """One flow, no contention, QEMU's rule: simulator and closed form agree within 2 % on time and data."""
+    ram = 4 * GiB
     rate = lam * BW / PAGE_WIRE_BYTES
-    r = predict(
-        ram_bytes=ram,
-        used_bytes=ram,
-        dirty_rate_pages_per_s=rate,
-        working_set_bytes=ws,
-        pattern="uniform",
-        bandwidth_bytes_per_s=BW,
-        policy="qemu",
-    )
-    model = Uniform(rate, ws // 4096)
-    est = analytic.precopy_rounds(
-        first_round_bytes(ram, ram), model.dirty_pages, BW, threshold_bytes=0.3 * BW
-    )
+    r = predict(ram_bytes=ram, used_bytes=3 * GiB, dirty_rate_pages_per_s=rate, working_set_bytes=ram,
+                pattern="uniform", bandwidth_bytes_per_s=BW, policy="qemu")
+    est = analytic.qemu_precopy(ram, 3 * GiB, Uniform(rate, ram // 4096).dirty_pages, BW, 0.3)
     assert r.converged and est.converged
     assert r.total_time_s == pytest.approx(est.total_time_s, rel=0.02)
     assert r.bytes_sent == pytest.approx(est.total_bytes, rel=0.02)
-    assert r.live_rounds == est.live_rounds
+    assert r.downtime_s == pytest.approx(est.downtime_s, rel=0.02)
 
 
-@pytest.mark.parametrize("lam", [0.2, 0.5, 0.8])
+@pytest.mark.parametrize("lam", [0.2, 0.4, 0.6])
 def test_sequential_dirtying_matches_the_geometric_series(lam: float) -> None:
-    """Below its working set the sequential sweep is linear: round i sends V·λ^i exactly."""
+    """Below its working set the sequential sweep is linear: under xen round i sends V·λ^i exactly."""
     ram = 2 * GiB
     rate = lam * BW / PAGE_WIRE_BYTES
-    r = predict(
-        ram_bytes=ram,
-        used_bytes=ram,
-        dirty_rate_pages_per_s=rate,
-        working_set_bytes=ram,
-        pattern="sequential",
-        bandwidth_bytes_per_s=BW,
+    r = predict(ram_bytes=ram, used_bytes=ram, dirty_rate_pages_per_s=rate, working_set_bytes=ram,
+                pattern="sequential", bandwidth_bytes_per_s=BW, policy="xen")
+    # Xen stops below 50 dirty pages, or forces the copy after 30 rounds.
+    est = analytic.geometric_precopy(
+        first_round_bytes(ram, ram), rate * PAGE_WIRE_BYTES, BW, 49.5 * PAGE_WIRE_BYTES, max_rounds=30
     )
-    est = analytic.geometric_precopy(first_round_bytes(ram, ram), rate * PAGE_WIRE_BYTES, BW, 0.3 * BW)
     assert r.live_rounds == est.live_rounds
+    assert r.converged == est.converged
     assert r.total_time_s == pytest.approx(est.total_time_s, rel=0.01)
-    assert r.downtime_s == pytest.approx(est.downtime_s, rel=0.01)
+    assert r.bytes_sent == pytest.approx(est.total_bytes, rel=0.01)
 
 
 @pytest.mark.parametrize("lam", [1.0, 1.5])

@@ -7,8 +7,11 @@ send a round, stop the VM and copy the rest, done, or abort. It never sends a by
 from secmig.migration.policy import POLICY_PRESETS, StopPolicy, policy_preset
 from secmig.migration.precopy import (
     Aborted,
+    AutoConverge,
     Finished,
     MigrationStrategy,
+    PostCopyMigration,
+    PostCopyPush,
     PreCopyMigration,
     RoundRecord,
     SendRound,
@@ -19,8 +22,11 @@ from secmig.migration.precopy import (
 __all__ = [
     "POLICY_PRESETS",
     "Aborted",
+    "AutoConverge",
     "Finished",
     "MigrationStrategy",
+    "PostCopyMigration",
+    "PostCopyPush",
     "PreCopyMigration",
     "RoundRecord",
     "SendRound",

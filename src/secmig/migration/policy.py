@@ -34,6 +34,8 @@ class StopPolicy:
     on_nonconvergence: NonConvergence = "force"
     abort_if_downtime_over_s: float | None = None
     """The paper's eq. (3): a stop-and-copy whose estimated downtime exceeds this is not started."""
+    check_in_round: bool = False
+    """Test the downtime budget as pages are sent (QEMU), not only when a whole round has been sent."""
 
     def __post_init__(self) -> None:
         if self.on_nonconvergence not in ("force", "abort"):
@@ -65,7 +67,11 @@ class StopPolicy:
 POLICY_PRESETS: dict[str, StopPolicy] = {
     # QEMU iterates until the rest fits the downtime limit; it never gives up on its own, so the hard
     # cap stands for the operator cancelling the job: the VM stays on its source.
-    "qemu": StopPolicy(name="qemu", downtime_limit_s=0.3, max_time_s=1800.0, on_nonconvergence="abort"),
+    # QEMU's migration thread compares the pages left in the bitmap with bandwidth × downtime-limit
+    # continuously and syncs the bitmap to decide (migration/migration.c: migration_iteration_run).
+    "qemu": StopPolicy(
+        name="qemu", downtime_limit_s=0.3, max_time_s=1800.0, on_nonconvergence="abort", check_in_round=True
+    ),
     # Xen stops at 50 dirty pages, or after 30 rounds or 3 × RAM sent, and then copies what is left.
     "xen": StopPolicy(
         name="xen", dirty_pages_threshold=50, max_rounds=30, max_data_factor=3.0, on_nonconvergence="force"

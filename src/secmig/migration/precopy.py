@@ -43,6 +43,18 @@ class StopAndCopy:
 
 
 @dataclass(frozen=True, slots=True)
+class PostCopyPush:
+    """The VM already runs on the destination: push the pages it lacks; it faults on the ones it needs first."""
+
+    index: int
+    pages: int
+    zero_pages: int
+    bytes: int
+    remote_fraction: float
+    """Share of the VM's working set still on the source when the push starts (1 for pure post-copy)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Finished:
     """The VM runs on the destination."""
 
@@ -57,7 +69,7 @@ class Aborted:
     reason: str
 
 
-Action = SendRound | StopAndCopy | Finished | Aborted
+Action = SendRound | StopAndCopy | PostCopyPush | Finished | Aborted
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +91,7 @@ class Phase(Enum):
     NEW = "new"
     LIVE = "live"
     STOP_AND_COPY = "stop-and-copy"
+    POSTCOPY = "post-copy"
     DONE = "done"
     ABORTED = "aborted"
 
@@ -87,6 +100,9 @@ class MigrationStrategy(Protocol):
     """What a driver needs of any strategy."""
 
     rounds: list[RoundRecord]
+    throttle: float
+    """Share of vCPU time taken from the guest (auto-converge); the guest dirties (1 − throttle) as fast."""
+    extra: dict[str, float]
 
     def start(self, now_s: float) -> Action: ...
 
@@ -94,11 +110,18 @@ class MigrationStrategy(Protocol):
 
     def stop_and_copy_done(self, now_s: float) -> Action: ...
 
+    def push_done(self, now_s: float, remote_faults: float) -> Action: ...
+
     def abort(self, now_s: float, reason: str) -> Aborted: ...
 
 
 def _pages(n_bytes: int) -> int:
     return math.ceil(n_bytes / PAGE_SIZE)
+
+
+def _wire(pages: int, zero: int) -> int:
+    """Wire bytes of ``pages`` pages of which ``zero`` are untouched."""
+    return (pages - zero) * PAGE_WIRE_BYTES + zero * ZERO_PAGE_WIRE_BYTES
 
 
 @dataclass(slots=True)
@@ -109,8 +132,10 @@ class _Base:
     phase: Phase = Phase.NEW
     rounds: list[RoundRecord] = field(default_factory=list)
     start_s: float = 0.0
+    throttle: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
     _round_start_s: float = 0.0
-    _pending: SendRound | StopAndCopy | None = None
+    _pending: SendRound | StopAndCopy | PostCopyPush | None = None
 
     def _need(self, *phases: Phase) -> None:
         if self.phase not in phases:
@@ -146,8 +171,11 @@ class _Base:
         self.phase = Phase.DONE
         return Finished(self._pending.converged, self._pending.reason)
 
+    def push_done(self, now_s: float, remote_faults: float) -> Action:
+        raise LocalProtocolError(f"{type(self).__name__} has no post-copy push")
+
     def abort(self, now_s: float, reason: str) -> Aborted:
-        self._need(Phase.NEW, Phase.LIVE, Phase.STOP_AND_COPY)
+        self._need(Phase.NEW, Phase.LIVE, Phase.STOP_AND_COPY, Phase.POSTCOPY)
         self.phase = Phase.ABORTED
         return Aborted(reason)
 
@@ -172,59 +200,138 @@ class StopAndCopyMigration(_Base):
         raise LocalProtocolError("stop-and-copy has no live rounds")
 
 
+@dataclass(frozen=True, slots=True)
+class AutoConverge:
+    """QEMU's auto-converge: throttle the vCPUs when the guest dirties faster than pre-copy sends.
+
+    At each bitmap sync, a period in which the bytes dirtied exceed ``trigger`` × the bytes sent counts
+    as high; every second high period raises the throttle: ``initial`` first, then ``increment`` more,
+    up to ``maximum`` (QEMU's cpu-throttle-initial 20, -increment 10, max 99, throttle-trigger-threshold 50).
+    """
+
+    initial: float = 0.20
+    increment: float = 0.10
+    maximum: float = 0.99
+    trigger: float = 0.50
+
+
 @dataclass(slots=True)
 class PreCopyMigration(_Base):
-    """Live pre-copy driven by a :class:`StopPolicy`."""
+    """Live pre-copy driven by a :class:`StopPolicy`, with optional auto-converge and post-copy switch.
+
+    Each round is one period between two syncs of the dirty bitmap. With ``policy.check_in_round`` (QEMU)
+    the stop test runs as pages are sent: at the first check (every ``sync_interval_s`` of sending) that
+    finds fewer pages left in the bitmap than the downtime budget, the bitmap is synced and, if what is
+    then pending fits, the VM stops. So a round ends with up to the budget's worth of pages unsent
+    (``carry``), which the next round or the stop-and-copy sends, and near the end rounds shrink to one
+    check interval each: the pending set drains at (bandwidth − dirty rate). Without it (Xen, the paper)
+    every round sends its whole bitmap and the test runs at its end.
+    """
 
     policy: StopPolicy = field(default_factory=lambda: StopPolicy(name="qemu", downtime_limit_s=0.3))
+    auto_converge: AutoConverge | None = None
+    bandwidth_hint_bytes_per_s: float = math.inf
+    """The bandwidth expected before any is measured (the rate cap, or the path's speed)."""
+    switchover_bandwidth_bytes_per_s: float | None = None
+    """QEMU's avail-switchover-bandwidth: budget the downtime with this instead of the measured speed."""
+    postcopy_after_rounds: int | None = None
+    """Hybrid: after this many live rounds, stop and continue in post-copy instead."""
+    sync_interval_s: float = 0.1
+    """How much sending separates two of QEMU's checks of the budget (its 100 ms rate-limit period)."""
+    working_set_pages: int = 0
+    """Pages the guest writes to; a hybrid's remote faults hit the pending share of them."""
+    _carry: int = 0
+    _carry_zero: int = 0
+    _high_periods: int = 0
+    _postcopy_pages: int = 0
+
+    def _budget_pages(self, bandwidth: float) -> int | None:
+        limit = self.policy.downtime_limit_s
+        if limit is None:
+            return None
+        bw = self.switchover_bandwidth_bytes_per_s or bandwidth
+        return int(bw * limit // PAGE_SIZE) if math.isfinite(bw) else None
+
+    def _send(self, index: int, pending: int, zero: int, nbytes: int, bandwidth: float) -> SendRound:
+        """Send ``pending`` pages (``zero`` of them untouched, ``nbytes`` on the wire in all)."""
+        budget = self._budget_pages(bandwidth) if self.policy.check_in_round else None
+        self._carry = self._carry_zero = 0
+        if budget is None or pending <= 0:
+            sent = SendRound(index, pending - zero, zero, nbytes)
+        else:
+            # QEMU syncs the bitmap at the first check (one per sync interval of sending) that finds
+            # fewer pages left than the budget; those pages stay in the bitmap for the next round, with
+            # their share of untouched pages (QEMU walks RAM in address order; we assume them spread).
+            chunk = max(int(bandwidth * self.sync_interval_s // PAGE_SIZE), 1) if math.isfinite(bandwidth) else pending
+            to_send = min(pending, max(pending - budget, chunk))
+            share = to_send / pending
+            zero_sent = round(zero * share)
+            self._carry = pending - to_send
+            self._carry_zero = zero - zero_sent
+            sent = SendRound(index, to_send - zero_sent, zero_sent, round(nbytes * share))
+        self._pending = sent
+        return sent
 
     def start(self, now_s: float) -> Action:
         self._need(Phase.NEW)
         self.start_s = self._round_start_s = now_s
         used, zero, nbytes = self._first_copy()
         self.phase = Phase.LIVE
-        self._pending = SendRound(0, used, zero, nbytes)
-        return self._pending
+        return self._send(0, used + zero, zero, nbytes, self.bandwidth_hint_bytes_per_s)
 
     def round_done(self, now_s: float, dirty_pages: int) -> Action:
-        """The round on the wire is across; ``dirty_pages`` were dirtied meanwhile. What next?"""
+        """The flow of this round is across; ``dirty_pages`` were dirtied since the last sync. What next?"""
         self._need(Phase.LIVE)
         assert isinstance(self._pending, SendRound)
         dirty_pages = max(int(dirty_pages), 0)
         self._record(now_s, dirty_pages, live=True)
         last = self.rounds[-1]
-        # QEMU measures the bandwidth of the iteration just finished and budgets the downtime with it.
-        bandwidth = last.bytes / last.duration_s if last.duration_s > 0 else math.inf
-        remaining = dirty_pages * PAGE_WIRE_BYTES
+        # QEMU measures the bandwidth of the period just finished and budgets the downtime with it.
+        bandwidth = last.bytes / last.duration_s if last.duration_s > 0 else self.bandwidth_hint_bytes_per_s
+        pending = min(self._carry + dirty_pages, _pages(self.ram_bytes))
+        # Untouched pages left in the bitmap stay cheap unless the guest wrote them meanwhile.
+        zero = min(self._carry_zero, max(pending - dirty_pages, 0))
+        self._auto_converge(dirty_pages, last.bytes)
         p = self.policy
 
-        if p.downtime_limit_s is not None and remaining / bandwidth <= p.downtime_limit_s:
+        budget = self._budget_pages(bandwidth)
+        if budget is not None and pending <= budget:
             return self._stop(
                 now_s,
-                dirty_pages,
+                pending,
+                zero,
                 True,
-                f"converged: {dirty_pages} dirty pages fit the "
-                f"{p.downtime_limit_s * 1e3:.0f} ms downtime limit",
+                f"converged: {pending} pending pages fit the {p.downtime_limit_s * 1e3:.0f} ms downtime limit"
+                if p.downtime_limit_s is not None
+                else "converged",
                 bandwidth,
             )
-        if p.dirty_pages_threshold is not None and dirty_pages < p.dirty_pages_threshold:
+        if p.dirty_pages_threshold is not None and pending < p.dirty_pages_threshold:
             return self._stop(
-                now_s,
-                dirty_pages,
-                True,
-                f"converged: {dirty_pages} < {p.dirty_pages_threshold} dirty pages",
-                bandwidth,
+                now_s, pending, zero, True, f"converged: {pending} < {p.dirty_pages_threshold} dirty pages", bandwidth
             )
+
+        if self.postcopy_after_rounds is not None and len(self.rounds) >= self.postcopy_after_rounds:
+            return self._switch_to_postcopy(now_s, pending)
 
         cap = self._cap_reached(now_s)
         if cap is not None:
             if p.on_nonconvergence == "abort":
                 return self.abort(now_s, f"did not converge: {cap}; VM left on source")
-            return self._stop(now_s, dirty_pages, False, f"forced stop-and-copy: {cap}", bandwidth)
+            return self._stop(now_s, pending, zero, False, f"forced stop-and-copy: {cap}", bandwidth)
 
         self._round_start_s = now_s
-        self._pending = SendRound(last.index + 1, dirty_pages, 0, remaining)
-        return self._pending
+        return self._send(last.index + 1, pending, zero, _wire(pending, zero), bandwidth)
+
+    def _auto_converge(self, dirty_pages: int, sent_bytes: int) -> None:
+        ac = self.auto_converge
+        if ac is None or dirty_pages * PAGE_SIZE <= ac.trigger * sent_bytes:
+            return
+        self._high_periods += 1
+        if self._high_periods >= 2:
+            self._high_periods = 0
+            self.throttle = ac.initial if self.throttle == 0 else min(self.throttle + ac.increment, ac.maximum)
+            self.extra["throttle"] = self.throttle
 
     def _cap_reached(self, now_s: float) -> str | None:
         p = self.policy
@@ -237,8 +344,10 @@ class PreCopyMigration(_Base):
             return f"{now_s - self.start_s:.0f} s of pre-copy (limit {p.max_time_s:.0f} s)"
         return None
 
-    def _stop(self, now_s: float, dirty_pages: int, converged: bool, reason: str, bandwidth: float) -> Action:
-        nbytes = dirty_pages * PAGE_WIRE_BYTES + self.device_state_bytes
+    def _stop(
+        self, now_s: float, pending: int, zero: int, converged: bool, reason: str, bandwidth: float
+    ) -> Action:
+        nbytes = _wire(pending, zero) + self.device_state_bytes
         limit = self.policy.abort_if_downtime_over_s
         if limit is not None and nbytes / bandwidth > limit:
             return self.abort(
@@ -248,5 +357,72 @@ class PreCopyMigration(_Base):
             )
         self.phase = Phase.STOP_AND_COPY
         self._round_start_s = now_s
-        self._pending = StopAndCopy(len(self.rounds), dirty_pages, 0, nbytes, converged, reason)
+        self._pending = StopAndCopy(len(self.rounds), pending - zero, zero, nbytes, converged, reason)
         return self._pending
+
+    # --- hybrid: pre-copy rounds, then post-copy ------------------------------------------------------
+
+    def _switch_to_postcopy(self, now_s: float, pending: int) -> Action:
+        self._postcopy_pages = pending
+        self.phase = Phase.STOP_AND_COPY
+        self._round_start_s = now_s
+        reason = f"switched to post-copy after {len(self.rounds)} rounds with {pending} pages pending"
+        self._pending = StopAndCopy(len(self.rounds), 0, 0, self.device_state_bytes, True, reason)
+        return self._pending
+
+    def stop_and_copy_done(self, now_s: float) -> Action:
+        if self.postcopy_after_rounds is None or not isinstance(self._pending, StopAndCopy):
+            return _Base.stop_and_copy_done(self, now_s)
+        if not self._pending.reason.startswith("switched to post-copy"):
+            return _Base.stop_and_copy_done(self, now_s)
+        self._need(Phase.STOP_AND_COPY)
+        self._record(now_s, 0, live=False)
+        self.phase = Phase.POSTCOPY
+        self._round_start_s = now_s
+        pages = self._postcopy_pages
+        remote = min(pages / self.working_set_pages, 1.0) if self.working_set_pages else 1.0
+        self._pending = PostCopyPush(len(self.rounds), pages, 0, pages * PAGE_WIRE_BYTES, remote)
+        return self._pending
+
+    def push_done(self, now_s: float, remote_faults: float) -> Action:
+        return _finish_push(self, now_s, remote_faults)
+
+
+def _finish_push(m: _Base, now_s: float, remote_faults: float) -> Action:
+    m._need(Phase.POSTCOPY)
+    m._record(now_s, 0, live=True)
+    m.phase = Phase.DONE
+    m.extra["remote_faults"] = remote_faults
+    m.extra["degraded_s"] = m.rounds[-1].duration_s
+    return Finished(True, "post-copy: every page is on the destination")
+
+
+@dataclass(slots=True)
+class PostCopyMigration(_Base):
+    """Post-copy: pause, send CPU and device state, resume on the destination, then push every page.
+
+    The downtime is the state transfer alone, whatever the RAM; the VM then runs degraded, faulting on
+    pages not yet pushed, until the background push has sent everything.
+    """
+
+    def start(self, now_s: float) -> Action:
+        self._need(Phase.NEW)
+        self.start_s = self._round_start_s = now_s
+        self.phase = Phase.STOP_AND_COPY
+        self._pending = StopAndCopy(0, 0, 0, self.device_state_bytes, True, "post-copy: state sent first")
+        return self._pending
+
+    def round_done(self, now_s: float, dirty_pages: int) -> Action:
+        raise LocalProtocolError("post-copy has no live pre-copy rounds")
+
+    def stop_and_copy_done(self, now_s: float) -> Action:
+        self._need(Phase.STOP_AND_COPY)
+        self._record(now_s, 0, live=False)
+        self.phase = Phase.POSTCOPY
+        self._round_start_s = now_s
+        used, zero, nbytes = self._first_copy()
+        self._pending = PostCopyPush(1, used, zero, nbytes, 1.0)
+        return self._pending
+
+    def push_done(self, now_s: float, remote_faults: float) -> Action:
+        return _finish_push(self, now_s, remote_faults)

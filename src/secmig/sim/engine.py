@@ -23,20 +23,24 @@ from secmig.errors import ConfigError
 from secmig.migration.policy import StopPolicy
 from secmig.migration.precopy import (
     Aborted,
+    AutoConverge,
     Finished,
     MigrationStrategy,
+    PostCopyMigration,
+    PostCopyPush,
     PreCopyMigration,
     SendRound,
     StopAndCopy,
     StopAndCopyMigration,
 )
 from secmig.migration.result import MigrationResult
+from secmig.model.analytic import PAGE_WIRE_BYTES, expected_remote_faults
 from secmig.model.infra import VM, Infrastructure
 from secmig.sim.network import FluidNetwork, LinkUsage
 from secmig.sim.topology import Topology
 
-Strategy = Literal["precopy", "stop-and-copy"]
-STRATEGIES: tuple[str, ...] = ("precopy", "stop-and-copy")
+Strategy = Literal["precopy", "stop-and-copy", "postcopy", "hybrid"]
+STRATEGIES: tuple[str, ...] = ("precopy", "stop-and-copy", "postcopy", "hybrid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +53,11 @@ class MigrationSpec:
     strategy: Strategy = "precopy"
     policy: StopPolicy = field(default_factory=lambda: StopPolicy(name="qemu", downtime_limit_s=0.3))
     max_bandwidth_bytes_per_s: float = math.inf
+    """QEMU's max-bandwidth: caps the live rounds; lifted for the stop-and-copy and the post-copy push."""
+    auto_converge: bool = False
+    switchover_bandwidth_bytes_per_s: float | None = None
+    postcopy_after_rounds: int = 1
+    """Hybrid only: pre-copy rounds before the switch to post-copy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +171,24 @@ class Simulation:
         if self.record_flows:
             self.flows.append(FlowRecord(kind, vm, src, dst, start, float(self.env.now), nbytes))
 
+    def _strategy(self, spec: MigrationSpec, vm: VM, bandwidth: float) -> MigrationStrategy:
+        if spec.strategy == "stop-and-copy":
+            return StopAndCopyMigration(vm.ram_bytes, vm.used_bytes, vm.device_state_bytes)
+        if spec.strategy == "postcopy":
+            return PostCopyMigration(vm.ram_bytes, vm.used_bytes, vm.device_state_bytes)
+        ws = getattr(vm.dirty, "working_set_pages", 0) or vm.pages
+        return PreCopyMigration(
+            vm.ram_bytes,
+            vm.used_bytes,
+            vm.device_state_bytes,
+            policy=spec.policy,
+            auto_converge=AutoConverge() if spec.auto_converge else None,
+            bandwidth_hint_bytes_per_s=min(bandwidth, spec.max_bandwidth_bytes_per_s),
+            switchover_bandwidth_bytes_per_s=spec.switchover_bandwidth_bytes_per_s,
+            postcopy_after_rounds=spec.postcopy_after_rounds if spec.strategy == "hybrid" else None,
+            working_set_pages=int(ws),
+        )
+
     def _migrate(self, spec: MigrationSpec, rng: np.random.Generator) -> simpy.events.ProcessGenerator:
         env = self.env
         yield env.timeout(spec.at_s)
@@ -169,44 +196,51 @@ class Simulation:
         with self._locks[vm.name].request() as turn:
             yield turn
             src = self.location[vm.name]
-            strategy: MigrationStrategy
-            if spec.strategy == "stop-and-copy":
-                strategy = StopAndCopyMigration(vm.ram_bytes, vm.used_bytes, vm.device_state_bytes)
-            else:
-                strategy = PreCopyMigration(
-                    vm.ram_bytes, vm.used_bytes, vm.device_state_bytes, policy=spec.policy
-                )
             start = float(env.now)
             if src == spec.destination:
+                strategy = self._strategy(spec, vm, math.inf)
                 self._finish(spec, src, start, 0.0, Aborted(f"{vm.name} is already on {src}"), strategy)
                 return
             path, latency = self.topo.path(src, spec.destination)
+            strategy = self._strategy(spec, vm, self.net.path_bandwidth(path))
+            dst = spec.destination
             paused_at: float | None = None
+            downtime = 0.0
             action = strategy.start(start)
             while True:
+                t0 = float(env.now)
                 if isinstance(action, SendRound):
-                    t_round = float(env.now)
-                    yield self.net.transfer(
-                        path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s
-                    ).done
-                    self._record_flow("migration", vm.name, src, spec.destination, t_round, action.bytes)
-                    dirty = vm.dirty.dirty_pages(env.now - t_round)
+                    yield self.net.transfer(path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s).done
+                    self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
+                    # A throttled guest runs (1 − throttle) of the time, so it dirties as in a shorter period.
+                    dirty = vm.dirty.dirty_pages((env.now - t0) * (1.0 - strategy.throttle))
                     if vm.dirty_noise > 0:
                         s = vm.dirty_noise
                         dirty *= rng.lognormal(-s * s / 2, s)
                     action = strategy.round_done(float(env.now), round(min(dirty, vm.pages)))
                 elif isinstance(action, StopAndCopy):
-                    paused_at = float(env.now)
-                    yield self.net.transfer(
-                        path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s
-                    ).done
-                    self._record_flow("migration", vm.name, src, spec.destination, paused_at, action.bytes)
+                    # The VM is paused; QEMU lifts the rate limit for the switchover.
+                    paused_at = t0
+                    yield self.net.transfer(path, action.bytes).done
+                    self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     yield env.timeout(latency)
+                    downtime = float(env.now) - paused_at
                     action = strategy.stop_and_copy_done(float(env.now))
+                elif isinstance(action, PostCopyPush):
+                    # The VM runs on the destination; it faults on pages still on the source.
+                    self.location[vm.name] = dst
+                    yield self.net.transfer(path, action.bytes).done
+                    self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
+                    push_s = float(env.now) - t0
+                    faults = expected_remote_faults(vm.dirty.dirty_pages, push_s, action.remote_fraction)
+                    bw = action.bytes / push_s if push_s > 0 else math.inf
+                    strategy.extra["fault_stall_s"] = faults * (2 * latency + PAGE_WIRE_BYTES / bw)
+                    action = strategy.push_done(float(env.now), faults)
                 else:
-                    downtime = float(env.now) - paused_at if paused_at is not None else 0.0
                     if isinstance(action, Finished):
-                        self.location[vm.name] = spec.destination
+                        self.location[vm.name] = dst
+                    if strategy.throttle > 0:
+                        strategy.extra["throttle"] = strategy.throttle
                     self._finish(spec, src, start, downtime, action, strategy)
                     return
 
@@ -226,7 +260,7 @@ class Simulation:
                 source=src,
                 destination=spec.destination,
                 strategy=spec.strategy,
-                policy=spec.policy.name if spec.strategy == "precopy" else "none",
+                policy=spec.policy.name if spec.strategy in ("precopy", "hybrid") else "none",
                 start_s=start,
                 end_s=float(self.env.now),
                 downtime_s=downtime if done else 0.0,
@@ -234,6 +268,7 @@ class Simulation:
                 stop_reason=action.reason,
                 outcome="completed" if done else "aborted",
                 rounds=tuple(strategy.rounds),
+                extra=dict(strategy.extra),
             )
         )
         if self._progress is not None:
