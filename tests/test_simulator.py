@@ -40,7 +40,9 @@ def test_uniform_dirtying_matches_the_closed_form(lam: float) -> None:
     rate = lam * BW / PAGE_WIRE_BYTES
     r = predict(ram_bytes=ram, used_bytes=3 * GiB, dirty_rate_pages_per_s=rate, working_set_bytes=ram,
                 pattern="uniform", bandwidth_bytes_per_s=BW, policy="qemu")
-    est = analytic.qemu_precopy(ram, 3 * GiB, Uniform(rate, ram // 4096).dirty_pages, BW, 0.3)
+    est = analytic.qemu_precopy(
+        ram, 3 * GiB, Uniform(rate, ram // 4096).dirty_pages, BW, 0.3, working_set_pages=ram // 4096
+    )
     assert r.converged and est.converged
     assert r.total_time_s == pytest.approx(est.total_time_s, rel=0.02)
     assert r.bytes_sent == pytest.approx(est.total_bytes, rel=0.02)

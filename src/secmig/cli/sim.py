@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
@@ -23,7 +24,7 @@ from secmig.model.units import (
     parse_rate,
     parse_size,
 )
-from secmig.sim.engine import RunResult, Simulation, SimulationSpec
+from secmig.sim.engine import STRATEGIES, RunResult, Simulation, SimulationSpec
 from secmig.sim.predict import PATTERNS, predict
 from secmig.sim.scenario import load_scenario, load_scenario_text
 
@@ -162,12 +163,18 @@ def predict_cmd(
     latency: Annotated[str, typer.Option(help="One-way latency, e.g. 1ms.")] = "0ms",
     downtime_limit: Annotated[str, typer.Option(help="Downtime budget, e.g. 300ms.")] = "300ms",
     policy: Annotated[str, typer.Option(help="Stop policy: qemu|xen|paper.")] = "qemu",
-    strategy: Annotated[str, typer.Option(help="precopy|stop-and-copy.")] = "precopy",
+    strategy: Annotated[str, typer.Option(help="precopy|postcopy|hybrid|stop-and-copy.")] = "precopy",
+    auto_converge: Annotated[bool, typer.Option(help="Throttle the vCPUs as QEMU's auto-converge does.")] = False,
+    switchover_bandwidth: Annotated[
+        str | None,
+        typer.Option(help="Stop-and-copy speed if not --bandwidth (QEMU's avail-switchover-bandwidth)."),
+    ] = None,
+    postcopy_after: Annotated[int, typer.Option(help="hybrid: pre-copy rounds before post-copy.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Predict one migration from parameters a user can measure; no scenario file needed."""
-    if strategy not in ("precopy", "stop-and-copy"):
-        raise ConfigError(f"--strategy: unknown strategy {strategy!r} (choose from precopy, stop-and-copy)")
+    if strategy not in STRATEGIES:
+        raise ConfigError(f"--strategy: unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
     ram_b = _opt("--ram", parse_size, ram)
     rate = _opt("--dirty-rate", parse_rate, dirty_rate)
     result = predict(
@@ -181,6 +188,11 @@ def predict_cmd(
         downtime_limit_s=_opt("--downtime-limit", parse_duration, downtime_limit),
         policy=policy,
         strategy=strategy,  # type: ignore[arg-type]
+        auto_converge=auto_converge,
+        switchover_bandwidth_bytes_per_s=(
+            _opt("--switchover-bandwidth", parse_bandwidth, switchover_bandwidth) if switchover_bandwidth else None
+        ),
+        postcopy_after_rounds=postcopy_after,
     )
     summary = {
         "total_time_s": result.total_time_s,
@@ -192,6 +204,7 @@ def predict_cmd(
         "converged": result.converged,
         "outcome": result.outcome,
         "stop_reason": result.stop_reason,
+        **result.extra,
         "rounds_detail": [
             {"index": r.index, "bytes": r.bytes, "pages": r.pages, "duration_s": r.duration_s, "live": r.live}
             for r in result.rounds
@@ -212,4 +225,12 @@ def predict_cmd(
     table.add_row("converged", "yes" if result.converged else "[red]no[/]")
     table.add_row("outcome", result.outcome)
     table.add_row("why it stopped", result.stop_reason)
+    labels: dict[str, tuple[str, Callable[[float], str]]] = {
+        "throttle": ("auto-converge throttle", lambda v: f"{v:.0%}"),
+        "remote_faults": ("post-copy remote faults", lambda v: f"{v:,.0f}"),
+        "degraded_s": ("post-copy degraded period", format_duration),
+    }
+    for key, value in result.extra.items():
+        label, fmt = labels.get(key, (key, str))
+        table.add_row(label, fmt(value))
     console.print(table)

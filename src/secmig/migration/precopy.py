@@ -242,6 +242,7 @@ class PreCopyMigration(_Base):
     """Pages the guest writes to; a hybrid's remote faults hit the pending share of them."""
     _carry: int = 0
     _carry_zero: int = 0
+    _carry_in_ws: float = 0.0
     _high_periods: int = 0
     _postcopy_pages: int = 0
 
@@ -256,6 +257,7 @@ class PreCopyMigration(_Base):
         """Send ``pending`` pages (``zero`` of them untouched, ``nbytes`` on the wire in all)."""
         budget = self._budget_pages(bandwidth) if self.policy.check_in_round else None
         self._carry = self._carry_zero = 0
+        self._carry_in_ws = 0.0
         if budget is None or pending <= 0:
             sent = SendRound(index, pending - zero, zero, nbytes)
         else:
@@ -268,6 +270,12 @@ class PreCopyMigration(_Base):
             zero_sent = round(zero * share)
             self._carry = pending - to_send
             self._carry_zero = zero - zero_sent
+            # The carried pages that lie in the working set: after round 0 every pending page with data
+            # was written by the guest; in round 0 the used pages hold the working set among others.
+            carried_data = self._carry - self._carry_zero
+            used = max(_pages(self.used_bytes), 1)
+            ws = self.working_set_pages or used
+            self._carry_in_ws = carried_data * min(ws / used, 1.0) if index == 0 else float(carried_data)
             sent = SendRound(index, to_send - zero_sent, zero_sent, round(nbytes * share))
         self._pending = sent
         return sent
@@ -288,7 +296,11 @@ class PreCopyMigration(_Base):
         last = self.rounds[-1]
         # QEMU measures the bandwidth of the period just finished and budgets the downtime with it.
         bandwidth = last.bytes / last.duration_s if last.duration_s > 0 else self.bandwidth_hint_bytes_per_s
-        pending = min(self._carry + dirty_pages, _pages(self.ram_bytes))
+        # Pages dirtied meanwhile that were still pending count once: with writes spread over the working
+        # set, a share carried-in-working-set ÷ working-set of them were already in the bitmap.
+        ws = self.working_set_pages or _pages(self.ram_bytes)
+        fresh = round(dirty_pages * (1.0 - min(self._carry_in_ws / ws, 1.0)))
+        pending = min(self._carry + fresh, _pages(self.ram_bytes))
         # Untouched pages left in the bitmap stay cheap unless the guest wrote them meanwhile.
         zero = min(self._carry_zero, max(pending - dirty_pages, 0))
         self._auto_converge(dirty_pages, last.bytes)

@@ -162,6 +162,7 @@ def qemu_precopy(
     switchover_bytes_per_s: float | None = None,
     latency_s: float = 0.0,
     sync_interval_s: float = 0.1,
+    working_set_pages: int | None = None,
     max_rounds: int = 100_000,
 ) -> PreCopyEstimate:
     """Pre-copy as QEMU decides it: the downtime budget is tested as pages are sent, not per round.
@@ -170,7 +171,8 @@ def qemu_precopy(
     ``bandwidth × downtime_limit`` after every ``sync_interval_s`` of sending; once they fit it syncs the
     bitmap and stops the VM if what is then pending still fits. So a round leaves up to the budget's
     worth of pages unsent, and the next starts from those plus the pages dirtied meanwhile. Untouched
-    pages cost a few bytes on the wire but a full page in the budget, as in QEMU. The stop-and-copy runs
+    pages cost a few bytes on the wire but a full page in the budget, as in QEMU; pages dirtied again
+    while still pending count once (writes spread over ``working_set_pages``). The stop-and-copy runs
     at ``switchover_bytes_per_s`` (QEMU lifts the rate limit; with avail-switchover-bandwidth set it
     also budgets with it).
     """
@@ -196,7 +198,10 @@ def qemu_precopy(
         elapsed += nbytes / b
         d = round(min(dirty_pages(nbytes / b), total))
         carry, carry_zero = pending - to_send, zero - zero_sent
-        pending = min(carry + d, total)
+        used = max(math.ceil(used_bytes / PAGE_SIZE), 1)
+        ws = working_set_pages or used
+        in_ws = (carry - carry_zero) * (min(ws / used, 1.0) if n == 0 else 1.0)
+        pending = min(carry + round(d * (1.0 - min(in_ws / ws, 1.0))), total)
         zero = min(carry_zero, max(pending - d, 0))
         wire = (pending - zero) * PAGE_WIRE_BYTES + zero * ZERO_PAGE_WIRE_BYTES
     return PreCopyEstimate(max_rounds, math.inf, math.inf, sent, wire, False)

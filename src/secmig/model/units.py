@@ -160,8 +160,8 @@ def format_rate(bytes_per_s: float) -> str:
 
 def format_duration(seconds: float) -> str:
     """``1.23 s`` or ``45.6 ms``."""
-    if abs(seconds) >= 1:
+    if abs(seconds) >= 0.9995:
         return f"{seconds:.2f} s"
-    if abs(seconds) >= 1e-3:
+    if abs(seconds) >= 0.9995e-3:
         return f"{seconds * 1e3:.1f} ms"
     return f"{seconds * 1e6:.0f} µs"

@@ -34,7 +34,7 @@ from secmig.migration.precopy import (
     StopAndCopyMigration,
 )
 from secmig.migration.result import MigrationResult
-from secmig.model.analytic import PAGE_WIRE_BYTES, expected_remote_faults
+from secmig.model.analytic import expected_remote_faults
 from secmig.model.infra import VM, Infrastructure
 from secmig.sim.network import FluidNetwork, LinkUsage
 from secmig.sim.topology import Topology
@@ -233,8 +233,6 @@ class Simulation:
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     push_s = float(env.now) - t0
                     faults = expected_remote_faults(vm.dirty.dirty_pages, push_s, action.remote_fraction)
-                    bw = action.bytes / push_s if push_s > 0 else math.inf
-                    strategy.extra["fault_stall_s"] = faults * (2 * latency + PAGE_WIRE_BYTES / bw)
                     action = strategy.push_done(float(env.now), faults)
                 else:
                     if isinstance(action, Finished):

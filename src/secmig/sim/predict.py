@@ -56,8 +56,20 @@ def predict(
     on_nonconvergence: NonConvergence | None = None,
     max_time_s: float | None = None,
     device_state_bytes: int = 0,
+    auto_converge: bool = False,
+    switchover_bandwidth_bytes_per_s: float | None = None,
+    budget_with_switchover_bandwidth: bool = True,
+    postcopy_after_rounds: int = 1,
+    hot_share: float = 0.9,
 ) -> MigrationResult:
-    """Simulate one migration of a VM with these parameters and return its result."""
+    """Simulate one migration of a VM with these parameters and return its result.
+
+    ``bandwidth_bytes_per_s`` caps the live rounds (QEMU's max-bandwidth). The stop-and-copy and the
+    post-copy push are not capped and run at ``switchover_bandwidth_bytes_per_s`` (the link's speed;
+    default: the same as the cap). With ``budget_with_switchover_bandwidth`` the downtime budget uses
+    that speed too, as QEMU does when avail-switchover-bandwidth is set (QEMU ≥ 8.2); without it the
+    budget uses the measured, capped speed, as older QEMU does.
+    """
     if ram_bytes <= 0:
         raise ConfigError(f"--ram: {ram_bytes} must be positive")
     used = ram_bytes if used_bytes is None else used_bytes
@@ -71,22 +83,37 @@ def predict(
     pol = policy_preset(policy).with_overrides(
         downtime_limit_s=downtime_limit_s, on_nonconvergence=on_nonconvergence, max_time_s=max_time_s
     )
-    hosts = tuple(
-        Host(name, "dc", bandwidth_bytes_per_s, math.inf, latency_s) for name in ("source", "destination")
-    )
+    if switchover_bandwidth_bytes_per_s is not None and switchover_bandwidth_bytes_per_s <= 0:
+        raise ConfigError("--switchover-bandwidth must be positive")
+    link = switchover_bandwidth_bytes_per_s or bandwidth_bytes_per_s
+    hosts = tuple(Host(name, "dc", link, math.inf, latency_s) for name in ("source", "destination"))
     vm = VM(
         name="vm",
         host="source",
         ram_bytes=ram_bytes,
         used_bytes=used,
-        dirty=dirty_model(pattern, dirty_rate_pages_per_s, ws, ram_bytes),
+        dirty=dirty_model(pattern, dirty_rate_pages_per_s, ws, ram_bytes, hot_share),
         device_state_bytes=device_state_bytes,
     )
     spec = SimulationSpec(
         name="predict",
         infra=Infrastructure((Datacenter("dc"),), hosts),
         vms=(vm,),
-        migrations=(MigrationSpec("vm", "destination", 0.0, strategy, pol),),
+        migrations=(
+            MigrationSpec(
+                "vm",
+                "destination",
+                0.0,
+                strategy,
+                pol,
+                max_bandwidth_bytes_per_s=bandwidth_bytes_per_s,
+                auto_converge=auto_converge,
+                switchover_bandwidth_bytes_per_s=(
+                    switchover_bandwidth_bytes_per_s if budget_with_switchover_bandwidth else None
+                ),
+                postcopy_after_rounds=postcopy_after_rounds,
+            ),
+        ),
     )
     result = Simulation(spec, record_usage=False, record_flows=False).run()
     return result.migrations[0]

@@ -87,11 +87,17 @@ class VMModel(_Model):
     transfer_rate: ByteRate | None = None
 
 
+StrategyName = Literal["precopy", "stop-and-copy", "postcopy", "hybrid"]
+
+
 class MigrationModel(_Model):
     vm: str
     to: str
     at: Duration = 0.0
-    strategy: Literal["precopy", "stop-and-copy"] | None = None
+    strategy: StrategyName | None = None
+    auto_converge: bool | None = None
+    switchover_bandwidth: Bandwidth | None = None
+    postcopy_after: int = Field(default=1, ge=1)
     policy: str | None = None
     downtime_limit: Duration | None = None
     on_nonconvergence: NonConvergence | None = None
@@ -109,7 +115,8 @@ class TrafficModel(_Model):
 
 
 class DefaultsModel(_Model):
-    strategy: Literal["precopy", "stop-and-copy"] = "precopy"
+    strategy: StrategyName = "precopy"
+    auto_converge: bool = False
     policy: str = "qemu"
     downtime_limit: Duration | None = None
     on_nonconvergence: NonConvergence | None = None
@@ -288,7 +295,17 @@ def build_spec(model: ScenarioModel, source: str, base_dir: Path) -> SimulationS
         )
         max_bw = m.max_bandwidth if m.max_bandwidth is not None else dflt.max_bandwidth
         migrations.append(
-            MigrationSpec(m.vm, m.to, m.at, m.strategy or dflt.strategy, policy, max_bw or math.inf)
+            MigrationSpec(
+                m.vm,
+                m.to,
+                m.at,
+                m.strategy or dflt.strategy,
+                policy,
+                max_bw or math.inf,
+                auto_converge=dflt.auto_converge if m.auto_converge is None else m.auto_converge,
+                switchover_bandwidth_bytes_per_s=m.switchover_bandwidth,
+                postcopy_after_rounds=m.postcopy_after,
+            )
         )
     traffic = []
     for i, t in enumerate(model.traffic):
