@@ -194,6 +194,11 @@ def monitor_timeline(events: Sequence[MonitorEvent], migrations: Sequence[Migrat
         ax.set_xlabel("simulated time (s)")
         ax.grid(axis="y", visible=False)
         handles, _labels = ax.get_legend_handles_labels()
+        if any(e.action == "destroy" for e in events):
+            handles.append(
+                Line2D([], [], linestyle="", marker="o", markerfacecolor="white", markeredgecolor="black",
+                       label="action: destroy")
+            )
         handles.append(Patch(color="#dddddd", label="migrating"))
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         return to_data_uri(fig)
