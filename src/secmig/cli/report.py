@@ -107,14 +107,17 @@ def sweep(
             progress=lambda done, _total: bar.update(task, completed=done),
         )
     rows = read_points(outcome.db_path, [p.key for p in points])
-    console.print(
-        f"{outcome.computed} points computed on {outcome.workers} workers in {format_duration(outcome.wall_time_s)}"
-        f", {outcome.skipped} already done"
-    )
+    if outcome.computed:
+        console.print(
+            f"{outcome.computed} points computed on {outcome.workers} workers in "
+            f"{format_duration(outcome.wall_time_s)}; {outcome.skipped} were already done"
+        )
+    else:
+        console.print(f"nothing to compute: all {outcome.skipped} points were already done")
     names = [p for p, _ in grid.parameters]
     table = Table(title=f"{grid.name}: mean over {len(grid.seeds)} seeds", title_justify="left", header_style="bold")
     for n in names:
-        table.add_column(n, no_wrap=True)
+        table.add_column(n, overflow="fold")
     for col in ("points", "completed", "aborted", "mean total", "max total", "max downtime", "sent/point"):
         table.add_column(col, justify="right", no_wrap=True)
     aggs = aggregate(grid, rows)
@@ -141,7 +144,8 @@ def sweep(
     if hm is not None:
         fig = sweep_heatmaps(
             hm.total_time_s, hm.downtime_s, hm.xlabels, hm.ylabels, hm.xname, hm.yname,
-            f"{grid.name}: mean over seeds" + (" and the other parameters" if len(grid.parameters) > 2 else ""),
+            f"{grid.name}: mean over {len(grid.seeds)} seeds"
+            + (f" and over {', '.join(names[2:])}" if len(names) > 2 else ""),
         )
         png = out / "heatmap.png"
         save_png(fig, str(png))

@@ -229,12 +229,15 @@ def sweep_heatmaps(
     yname: str,
     title: str,
 ) -> Figure:
-    """Two heat maps side by side: mean total time and max downtime over two parameters (NaN: no value)."""
+    """Two heat maps side by side: mean total time and max downtime over two parameters (NaN: no value).
+
+    ``yname`` empty: one parameter only, drawn as a single row.
+    """
     with rc_context(_RC):
         fig = Figure(figsize=(12, 1.8 + 0.45 * max(len(ylabels), 4)), layout="constrained")
         a1, a2 = fig.subplots(1, 2)
         _heatmap(a1, total_time_s, xlabels, ylabels, "mean total time of completed migrations (s)")
-        _heatmap(a2, downtime_s * 1e3, xlabels, ylabels, "max downtime (ms)")
+        _heatmap(a2, downtime_s * 1e3, xlabels, ylabels, "max downtime of a point (ms)")
         for ax in (a1, a2):
             ax.set_xlabel(xname)
             ax.set_ylabel(yname)

@@ -103,7 +103,7 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     node: Any = data
     for i, step in enumerate(steps):
         last = i == len(steps) - 1
-        where = path if last else _render(steps[: i + 1])
+        where = path
         if isinstance(step, str):
             if not isinstance(node, dict):
                 raise ConfigError(f"{where}: {_render(steps[:i]) or 'the scenario'} is not a mapping")
