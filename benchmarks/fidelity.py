@@ -27,6 +27,7 @@ from secmig.agent.qemu.calibration import (
     Prediction,
     calibrate,
     cloudsim_prediction,
+    measure_loopback_bandwidth,
     predict_for,
 )
 from secmig.agent.qemu.guest import GuestParams, Pattern
@@ -46,7 +47,7 @@ class Case:
     bandwidth_mb_s: float
     downtime_limit_ms: int
 
-    def config(self, accel: str, timeout_s: float, measure_s: float) -> CalibrationConfig:
+    def config(self, accel: str, timeout_s: float, measure_s: float, link: float | None = None) -> CalibrationConfig:
         return CalibrationConfig(
             ram_bytes=self.ram_mib * MiB,
             guest=GuestParams(self.ws_mib * MiB, self.rate_pages_per_s, self.pattern),
@@ -55,6 +56,7 @@ class Case:
             accel=accel,  # type: ignore[arg-type]
             measure_s=measure_s,
             timeout_s=timeout_s,
+            link_bandwidth_bytes_per_s=link,
         )
 
 
@@ -107,8 +109,8 @@ def fmt_pct(v: float | None) -> str:
     return "—" if v is None else f"{v:+.0%}"
 
 
-def run_case(case: Case, accel: str, timeout_s: float, measure_s: float) -> Outcome:
-    cfg = case.config(accel, timeout_s, measure_s)
+def run_case(case: Case, accel: str, timeout_s: float, measure_s: float, link: float | None) -> Outcome:
+    cfg = case.config(accel, timeout_s, measure_s, link)
     cloud = cloudsim_prediction(cfg)
     try:
         run = calibrate(cfg)
@@ -267,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     outcomes = []
     t0 = time.monotonic()
+    # The link's own speed, as a user would measure it: QEMU sends the stop-and-copy uncapped.
+    link = measure_loopback_bandwidth()
+    print(f"loopback link: {link / 1e9:.2f} GB/s", file=sys.stderr)
     for case in cases:
         print(f"… {case.name}", file=sys.stderr, flush=True)
-        outcomes.append(run_case(case, args.accel, args.timeout, args.measure))
+        outcomes.append(run_case(case, args.accel, args.timeout, args.measure, link))
     print(
         f"secmig fidelity: {len(cases)} real QEMU migrations ({args.accel}), "
         f"Q = QEMU measured, S = secmig, CS = CloudSim; "

@@ -77,6 +77,10 @@ def calibrate(
     timeout: Annotated[
         str, typer.Option(help="Cancel a migration still running after this, as 'did not converge'.")
     ] = "60s",
+    link_bandwidth: Annotated[
+        str | None,
+        typer.Option(help="Speed of the path when not capped (default: measured on loopback now)."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every QMP command.")] = False,
 ) -> None:
@@ -111,6 +115,11 @@ def calibrate(
         qemu_binary=qemu_binary,
         measure_s=_opt("--measure", parse_duration, measure),
         timeout_s=_opt("--timeout", parse_duration, timeout),
+        link_bandwidth_bytes_per_s=(
+            _opt("--link-bandwidth", parse_bandwidth, link_bandwidth)
+            if link_bandwidth
+            else cal.measure_loopback_bandwidth()
+        ),
     )
     if verbose:
         logging.basicConfig(level=logging.DEBUG, format="%(relativeCreated)8.0f %(name)s: %(message)s")
