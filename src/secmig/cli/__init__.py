@@ -7,11 +7,13 @@ Each sub-module registers its commands on :data:`app`; :func:`main` runs it and 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 import typer
 from rich.console import Console
 
-from secmig.errors import ConfigError, SecmigError
+from secmig.errors import ConfigError, SecmigError, UnitError
 
 app = typer.Typer(
     name="secmig",
@@ -25,10 +27,15 @@ console = Console(width=None if sys.stdout.isatty() else 140)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 140)
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
-    """Print one line on stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
+T = TypeVar("T")
+
+
+def option_value(option: str, parser: Callable[[str], T], value: str) -> T:
+    """Parse a CLI option's value; a bad one becomes a ConfigError naming the option."""
+    try:
+        return parser(value)
+    except UnitError as err:
+        raise ConfigError(f"{option}: {err}") from None
 
 
 def _register() -> None:

@@ -10,8 +10,8 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from secmig.cli import app, console, err_console
-from secmig.errors import ConfigError, UnitError
+from secmig.cli import app, console, err_console, option_value
+from secmig.errors import ConfigError
 from secmig.model.units import (
     format_bytes,
     format_duration,
@@ -31,12 +31,6 @@ _PATTERN_ALIASES = {
     "hotspot": "hot",
 }
 
-
-def _opt(option: str, parser: Any, value: str) -> Any:
-    try:
-        return parser(value)
-    except UnitError as err:
-        raise ConfigError(f"{option}: {err}") from None
 
 
 def _fmt(value: float | None, unit: str) -> str:
@@ -93,8 +87,8 @@ def calibrate(
         raise ConfigError(f"--pattern: {pattern!r} is not one of seq, rand, hot")
     if accel not in ("auto", "kvm", "tcg"):
         raise ConfigError(f"--accel: {accel!r} is not one of auto, kvm, tcg")
-    write_rate = float(rate) if rate.strip().isdigit() else _opt("--rate", parse_rate, rate).in_pages_per_s()
-    ws_bytes = _opt("--working-set", parse_size, working_set)
+    write_rate = float(rate) if rate.strip().isdigit() else option_value("--rate", parse_rate, rate).in_pages_per_s()
+    ws_bytes = option_value("--working-set", parse_size, working_set)
     ws_bytes -= ws_bytes % 4096
     guest = GuestParams(
         working_set_bytes=ws_bytes,
@@ -102,21 +96,21 @@ def calibrate(
         pattern=_PATTERN_ALIASES[pattern],  # type: ignore[arg-type]
         hot_share_percent=hot_share,
     )
-    ram_bytes = _opt("--ram", parse_size, ram)
+    ram_bytes = option_value("--ram", parse_size, ram)
     if ram_bytes % (1 << 20):
         raise ConfigError(f"--ram: {ram} is not a whole number of MiB")
     accel_choice: AccelChoice = accel  # type: ignore[assignment]
     config = cal.CalibrationConfig(
         ram_bytes=ram_bytes,
         guest=guest,
-        bandwidth_bytes_per_s=_opt("--bandwidth", parse_bandwidth, bandwidth),
-        downtime_limit_s=_opt("--downtime-limit", parse_duration, downtime_limit),
+        bandwidth_bytes_per_s=option_value("--bandwidth", parse_bandwidth, bandwidth),
+        downtime_limit_s=option_value("--downtime-limit", parse_duration, downtime_limit),
         accel=accel_choice,
         qemu_binary=qemu_binary,
-        measure_s=_opt("--measure", parse_duration, measure),
-        timeout_s=_opt("--timeout", parse_duration, timeout),
+        measure_s=option_value("--measure", parse_duration, measure),
+        timeout_s=option_value("--timeout", parse_duration, timeout),
         link_bandwidth_bytes_per_s=(
-            _opt("--link-bandwidth", parse_bandwidth, link_bandwidth)
+            option_value("--link-bandwidth", parse_bandwidth, link_bandwidth)
             if link_bandwidth
             else cal.measure_loopback_bandwidth()
         ),

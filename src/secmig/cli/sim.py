@@ -7,14 +7,14 @@ import math
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from secmig.cli import app, console, err_console
-from secmig.errors import ConfigError, UnitError
+from secmig.cli import app, console, err_console, option_value
+from secmig.errors import ConfigError
 from secmig.migration.result import MigrationResult
 from secmig.model.units import (
     format_bytes,
@@ -28,26 +28,15 @@ from secmig.sim.engine import STRATEGIES, RunResult, Simulation, SimulationSpec
 from secmig.sim.predict import PATTERNS, predict
 from secmig.sim.scenario import load_scenario, load_scenario_text
 
-OutOption = Annotated[
-    Path, typer.Option("--out", "-o", help="Directory for the results database and exports.")
-]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Directory for the results database and exports.")]
 SeedOption = Annotated[int | None, typer.Option("--seed", help="Override the scenario's random seed.")]
 PROGRESS_MIN_MIGRATIONS = 20
-
-
-def _opt(option: str, parser: Any, value: str) -> Any:
-    try:
-        return parser(value)
-    except UnitError as err:
-        raise ConfigError(f"{option}: {err}") from None
 
 
 def migrations_table(results: tuple[MigrationResult, ...], title: str) -> Table:
     table = Table(title=title, title_justify="left", header_style="bold")
     for col in ("VM", "route", "strategy", "start", "total time", "downtime", "rounds", "sent", "result"):
-        table.add_column(
-            col, justify="left" if col in ("VM", "route", "strategy", "result") else "right", no_wrap=True
-        )
+        table.add_column(col, justify="left" if col in ("VM", "route", "strategy", "result") else "right", no_wrap=True)
     for m in results:
         style = "green" if m.outcome == "completed" else "red"
         # The full reason is in the results files; the table keeps its first clause.
@@ -95,18 +84,14 @@ def _run_and_store(spec: SimulationSpec, scenario_text: str, out: Path) -> tuple
 
 
 def _print_run(run: RunResult, run_id: int, out: Path, export_dir: Path) -> None:
-    console.print(
-        migrations_table(run.migrations, f"{run.name}: {len(run.migrations)} migrations (seed {run.seed})")
-    )
+    console.print(migrations_table(run.migrations, f"{run.name}: {len(run.migrations)} migrations (seed {run.seed})"))
     done = sum(1 for m in run.migrations if m.outcome == "completed")
     console.print(
         f"{done} completed, {len(run.migrations) - done} aborted; "
         f"{format_duration(run.sim_time_s)} simulated in {format_duration(run.wall_time_s)} "
         f"({run.reshares} network re-shares)"
     )
-    console.print(
-        f"results: run {run_id} in [bold]{out / 'secmig.sqlite'}[/]; JSON and CSV in [bold]{export_dir}/[/]"
-    )
+    console.print(f"results: run {run_id} in [bold]{out / 'secmig.sqlite'}[/]; JSON and CSV in [bold]{export_dir}/[/]")
     console.print(f"report: [bold]{export_dir / 'report.html'}[/]")
 
 
@@ -156,9 +141,7 @@ def predict_cmd(
     dirty_rate: Annotated[str, typer.Option(help="Page writes per second, e.g. 20000pages/s or 80MB/s.")],
     bandwidth: Annotated[str, typer.Option(help="Migration bandwidth, e.g. 1Gbit/s.")],
     used: Annotated[str | None, typer.Option(help="Non-zero memory (default: all of --ram).")] = None,
-    working_set: Annotated[
-        str | None, typer.Option(help="Pages the workload writes to (default: --used).")
-    ] = None,
+    working_set: Annotated[str | None, typer.Option(help="Pages the workload writes to (default: --used).")] = None,
     pattern: Annotated[str, typer.Option(help=f"Dirtying pattern: {'|'.join(PATTERNS)}.")] = "uniform",
     latency: Annotated[str, typer.Option(help="One-way latency, e.g. 1ms.")] = "0ms",
     downtime_limit: Annotated[str, typer.Option(help="Downtime budget, e.g. 300ms.")] = "300ms",
@@ -175,22 +158,24 @@ def predict_cmd(
     """Predict one migration from parameters a user can measure; no scenario file needed."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"--strategy: unknown strategy {strategy!r} (choose from {', '.join(STRATEGIES)})")
-    ram_b = _opt("--ram", parse_size, ram)
-    rate = _opt("--dirty-rate", parse_rate, dirty_rate)
+    ram_b = option_value("--ram", parse_size, ram)
+    rate = option_value("--dirty-rate", parse_rate, dirty_rate)
     result = predict(
         ram_bytes=ram_b,
-        used_bytes=_opt("--used", parse_size, used) if used is not None else None,
+        used_bytes=option_value("--used", parse_size, used) if used is not None else None,
         dirty_rate_pages_per_s=rate.in_pages_per_s(),
-        working_set_bytes=_opt("--working-set", parse_size, working_set) if working_set is not None else None,
+        working_set_bytes=option_value("--working-set", parse_size, working_set) if working_set is not None else None,
         pattern=pattern,
-        bandwidth_bytes_per_s=_opt("--bandwidth", parse_bandwidth, bandwidth),
-        latency_s=_opt("--latency", parse_duration, latency),
-        downtime_limit_s=_opt("--downtime-limit", parse_duration, downtime_limit),
+        bandwidth_bytes_per_s=option_value("--bandwidth", parse_bandwidth, bandwidth),
+        latency_s=option_value("--latency", parse_duration, latency),
+        downtime_limit_s=option_value("--downtime-limit", parse_duration, downtime_limit),
         policy=policy,
         strategy=strategy,  # type: ignore[arg-type]
         auto_converge=auto_converge,
         switchover_bandwidth_bytes_per_s=(
-            _opt("--switchover-bandwidth", parse_bandwidth, switchover_bandwidth) if switchover_bandwidth else None
+            option_value("--switchover-bandwidth", parse_bandwidth, switchover_bandwidth)
+            if switchover_bandwidth
+            else None
         ),
         postcopy_after_rounds=postcopy_after,
     )
@@ -211,15 +196,11 @@ def predict_cmd(
         ],
     }
     if as_json:
-        console.print_json(
-            json.dumps(summary, allow_nan=False) if math.isfinite(result.total_time_s) else "{}"
-        )
+        console.print_json(json.dumps(summary, allow_nan=False) if math.isfinite(result.total_time_s) else "{}")
         return
     table = Table(title="predicted migration", title_justify="left", show_header=False)
     table.add_row("total time (Tmr)", format_duration(result.total_time_s))
-    table.add_row(
-        "downtime (Tsd)", format_duration(result.downtime_s) if result.outcome == "completed" else "—"
-    )
+    table.add_row("downtime (Tsd)", format_duration(result.downtime_s) if result.outcome == "completed" else "—")
     table.add_row("rounds", f"{len(result.rounds)} ({result.live_rounds} live)")
     table.add_row("data sent", format_bytes(result.bytes_sent))
     table.add_row("converged", "yes" if result.converged else "[red]no[/]")
