@@ -143,3 +143,13 @@ def test_aggregate_and_heatmap_average_over_seeds(sweep_dir: Path) -> None:
     assert hm is not None and hm.total_time_s.shape == (1, 2) and hm.ylabels == ("",)
     assert hm.total_time_s[0, 0] == 3.0 and math.isnan(hm.total_time_s[0, 1])
     assert math.isclose(hm.downtime_s[0, 0], 0.2)
+
+
+def test_chunks_are_small_and_leave_every_worker_several() -> None:
+    """Points per task: 1 for tiny sweeps, at most 16, and at least 8 tasks per worker when possible."""
+    from secmig.results.sweep import MAX_CHUNK, chunk_size
+
+    assert chunk_size(5, 2) == 1
+    assert chunk_size(200, 1) == MAX_CHUNK == 16
+    assert chunk_size(200, 4) == 6
+    assert chunk_size(100_000, 2) == MAX_CHUNK

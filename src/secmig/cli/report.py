@@ -66,6 +66,9 @@ def sweep(
         "sweep-out"
     ),
     parquet: Annotated[bool, typer.Option("--parquet", help="Also write sweep.parquet (needs pyarrow).")] = False,
+    chunk: Annotated[
+        int | None, typer.Option("--chunk", help="Points per Dask task (default: up to 16, by size).")
+    ] = None,
 ) -> None:
     """Run a parameter grid on Dask; restartable: points already in OUT/sweep.sqlite are skipped."""
     from secmig.report.charts import save_png, sweep_heatmaps
@@ -103,7 +106,7 @@ def sweep(
     ) as bar:
         task = bar.add_task("points", total=len(points))
         outcome = run_sweep(
-            grid, out, scheduler=scheduler, workers=workers, points=points,
+            grid, out, scheduler=scheduler, workers=workers, points=points, chunk=chunk,
             progress=lambda done, _total: bar.update(task, completed=done),
         )
     rows = read_points(outcome.db_path, [p.key for p in points])

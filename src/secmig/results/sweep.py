@@ -13,9 +13,10 @@ A grid file names a base scenario and the values to try at dotted paths into it:
 Every point (one value per parameter, one seed) is the base scenario with those values set, validated by
 the same :func:`~secmig.sim.scenario.parse_scenario` / :func:`~secmig.sim.scenario.build_spec` as any
 scenario, before anything runs. Points are keyed by a hash of the base scenario, their values and their
-seed; each is committed to ``sweep_points`` as it arrives, and a re-run skips the keys already there, so
-a sweep stopped at any moment resumes where it was. The key does not cover the simulator's code: after
-changing it, sweep into a new folder.
+seed. They travel to the workers in small chunks (one Dask task each), and each chunk's rows are committed
+to ``sweep_points`` as soon as it is back; a re-run skips the keys already there, so a sweep stopped at
+any moment resumes where it was, losing only the chunks that were in flight. The key does not cover the
+simulator's code: after changing it, sweep into a new folder.
 
 This module prints nothing; it reports progress through a callback.
 """
@@ -309,6 +310,11 @@ class PointResult:
         return tuple(getattr(self, f) for f in FIGURES)
 
 
+def run_points(specs: Sequence[SimulationSpec]) -> list[PointResult]:
+    """Simulate a chunk of points, one after the other: one Dask task, so its overhead is paid once."""
+    return [run_point(s) for s in specs]
+
+
 def run_point(spec: SimulationSpec) -> PointResult:
     """Simulate one point and summarise it. Runs on a Dask worker; pure apart from the clock."""
     try:
@@ -358,12 +364,18 @@ def finished_keys(conn: sqlite3.Connection, keys: Iterable[str]) -> set[str]:
     return have & set(keys)
 
 
-def record_point(conn: sqlite3.Connection, sweep: str, point: SweepPoint, result: PointResult) -> None:
-    """Commit one point's row (a point already there is left as it is)."""
+def record_points(
+    conn: sqlite3.Connection, sweep: str, points: Sequence[SweepPoint], results: Sequence[PointResult]
+) -> None:
+    """Commit points' rows in one transaction (a point already there is left as it is)."""
+    now = time.time()
     with conn:
-        conn.execute(
+        conn.executemany(
             f"INSERT OR IGNORE INTO sweep_points VALUES ({', '.join('?' * (5 + len(FIGURES)))})",
-            (point.key, sweep, _canonical(point.params_dict()), point.seed, *result.figures(), time.time()),
+            [
+                (p.key, sweep, _canonical(p.params_dict()), p.seed, *r.figures(), now)
+                for p, r in zip(points, results, strict=True)
+            ],
         )
 
 
@@ -403,6 +415,9 @@ class SweepOutcome:
     """Points already in the database from an earlier run."""
     computed: int
     wall_time_s: float
+    """Everything: reading the database, starting and stopping the cluster, the points, the commits."""
+    compute_s: float
+    """From handing the points to Dask to the last result committed."""
     workers: int
 
 
@@ -419,14 +434,29 @@ def _client(scheduler: str | None, workers: int | None) -> tuple[Any, Any]:
             return Client(scheduler, timeout="10s"), None  # type: ignore[no-untyped-call]
         except (OSError, TimeoutError) as err:
             raise ConfigError(f"--scheduler: cannot reach {scheduler}: {err}") from None
-    cluster = LocalCluster(  # type: ignore[no-untyped-call]
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        silence_logs=logging.ERROR,
-    )
+    import dask
+
+    # Without queuing at the scheduler, each worker holds its next tasks already and never waits a round
+    # trip between two of them. (A remote scheduler keeps its own setting.)
+    with dask.config.set({"distributed.scheduler.worker-saturation": math.inf}):
+        cluster = LocalCluster(  # type: ignore[no-untyped-call]
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            silence_logs=logging.ERROR,
+        )
     return Client(cluster), cluster  # type: ignore[no-untyped-call]
+
+
+MAX_CHUNK = 16
+"""Points per Dask task at most: enough to amortise a task's few milliseconds of overhead, few enough that a
+killed sweep loses little and the workers stay balanced."""
+
+
+def chunk_size(points: int, workers: int) -> int:
+    """Points per task: at most :data:`MAX_CHUNK`, and at least eight tasks per worker when there are enough."""
+    return max(1, min(MAX_CHUNK, points // (8 * max(1, workers))))
 
 
 def run_sweep(
@@ -437,17 +467,21 @@ def run_sweep(
     workers: int | None = None,
     progress: Progress | None = None,
     points: Sequence[SweepPoint] | None = None,
+    chunk: int | None = None,
 ) -> SweepOutcome:
     """Run the points of ``grid`` not yet in ``out_dir/sweep.sqlite`` on Dask, committing each as it lands.
 
     ``scheduler`` is a Dask scheduler address (``tcp://HOST:8786``); without it a ``LocalCluster`` of
     ``workers`` processes (one thread each; default: one per core) is started and stopped. ``progress(done,
-    total)`` is called after each point, counting the skipped ones as done.
+    total)`` is called as results land, counting the skipped points as done. Points travel in chunks of
+    ``chunk`` (default :func:`chunk_size`); each chunk's rows are committed as soon as it is back.
     """
     if scheduler is not None and workers is not None:
         raise ConfigError("--workers sizes the local cluster; a --scheduler brings its own workers")
     if workers is not None and workers < 1:
         raise ConfigError(f"--workers: must be at least 1, got {workers}")
+    if chunk is not None and chunk < 1:
+        raise ConfigError(f"--chunk: must be at least 1, got {chunk}")
     pts = list(points) if points is not None else grid.points()
     db_path = out_dir / DB_NAME
     t0 = time.perf_counter()
@@ -458,25 +492,37 @@ def run_sweep(
         if progress is not None:
             progress(n_done, len(pts))
         n_workers = 0
+        compute_s = 0.0
         if todo:
             from dask.distributed import as_completed
 
             client, cluster = _client(scheduler, workers)
             try:
                 n_workers = len(client.scheduler_info(n_workers=-1)["workers"])
-                futures = client.map(run_point, [p.spec for p in todo], key=[f"point-{p.key}" for p in todo])
-                by_key = {f.key: p for f, p in zip(futures, todo, strict=True)}
+                t_compute = time.perf_counter()
+                size = chunk or chunk_size(len(todo), n_workers)
+                chunks = [todo[i : i + size] for i in range(0, len(todo), size)]
+                futures = client.map(
+                    run_points,
+                    [[p.spec for p in c] for c in chunks],
+                    key=[f"secmig-points-{c[0].key}-{len(c)}" for c in chunks],
+                )
+                by_key = {f.key: c for f, c in zip(futures, chunks, strict=True)}
                 for fut in as_completed(futures):  # type: ignore[no-untyped-call]
-                    record_point(conn, grid.name, by_key[fut.key], fut.result())
-                    n_done += 1
+                    done_chunk = by_key[fut.key]
+                    record_points(conn, grid.name, done_chunk, fut.result())
+                    n_done += len(done_chunk)
                     if progress is not None:
                         progress(n_done, len(pts))
                     fut.release()
+                compute_s = time.perf_counter() - t_compute
             finally:
                 client.close()
                 if cluster is not None:
                     cluster.close()
-    return SweepOutcome(db_path, tuple(pts), len(pts) - len(todo), len(todo), time.perf_counter() - t0, n_workers)
+    return SweepOutcome(
+        db_path, tuple(pts), len(pts) - len(todo), len(todo), time.perf_counter() - t0, compute_s, n_workers
+    )
 
 
 # ---- gathering ------------------------------------------------------------------------------------------
