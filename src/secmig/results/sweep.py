@@ -424,6 +424,21 @@ class SweepOutcome:
 Progress = Callable[[int, int], None]
 
 
+LOCAL_CLUSTER_CONFIG: dict[str, Any] = {
+    # No queuing at the scheduler: each worker holds its next tasks already and never waits a round trip
+    # between two of them.
+    "distributed.scheduler.worker-saturation": math.inf,
+    # The workers' periodic housekeeping (the system monitor's psutil polls every 500 ms, the memory monitor,
+    # the statistical profiler, the event-loop tick) took a third of the simulation's speed on a 2-core
+    # machine (benchmarks/sweep.py); slower polls keep the protection and lose the cost.
+    "distributed.admin.system-monitor.interval": "5s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+}
+"""Dask settings for the local cluster ``secmig sweep`` starts; a remote cluster keeps its own."""
+
+
 def _client(scheduler: str | None, workers: int | None) -> tuple[Any, Any]:
     import logging
 
@@ -436,9 +451,7 @@ def _client(scheduler: str | None, workers: int | None) -> tuple[Any, Any]:
             raise ConfigError(f"--scheduler: cannot reach {scheduler}: {err}") from None
     import dask
 
-    # Without queuing at the scheduler, each worker holds its next tasks already and never waits a round
-    # trip between two of them. (A remote scheduler keeps its own setting.)
-    with dask.config.set({"distributed.scheduler.worker-saturation": math.inf}):
+    with dask.config.set(LOCAL_CLUSTER_CONFIG):
         cluster = LocalCluster(  # type: ignore[no-untyped-call]
             n_workers=workers,
             threads_per_worker=1,
