@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -91,7 +92,7 @@ def sweep(
     points = grid.points()
     where = scheduler or f"a local cluster of {workers or 'one worker per core'}" + (" workers" if workers else "")
     console.print(
-        f"sweep [bold]{grid.name}[/]: {len(points)} points ({len(grid.parameters)} parameters × "
+        f"sweep [bold]{escape(grid.name)}[/]: {len(points)} points ({len(grid.parameters)} parameters × "
         f"{len(grid.seeds)} seeds) on {where}"
     )
     with Progress(
@@ -118,15 +119,17 @@ def sweep(
     else:
         console.print(f"nothing to compute: all {outcome.skipped} points were already done")
     names = [p for p, _ in grid.parameters]
-    table = Table(title=f"{grid.name}: mean over {len(grid.seeds)} seeds", title_justify="left", header_style="bold")
+    table = Table(
+        title=f"{escape(grid.name)}: mean over {len(grid.seeds)} seeds", title_justify="left", header_style="bold"
+    )
     for n in names:
-        table.add_column(n, overflow="fold")
+        table.add_column(escape(n), overflow="fold")
     for col in ("points", "completed", "aborted", "mean total", "max total", "max downtime", "sent/point"):
         table.add_column(col, justify="right", no_wrap=True)
     aggs = aggregate(grid, rows)
     for a in aggs[:MAX_SUMMARY_ROWS]:
         table.add_row(
-            *(value_label(v) for v in a.values),
+            *(escape(value_label(v)) for v in a.values),
             str(a.points),
             str(a.completed),
             f"[red]{a.aborted}[/]" if a.aborted else "0",
@@ -141,7 +144,7 @@ def sweep(
     errors = sum(1 for r in rows if r.result.error)
     if errors:
         first = next(r for r in rows if r.result.error)
-        err_console.print(f"[yellow]{errors} points could not be simulated[/], e.g. {first.result.error}")
+        err_console.print(f"[yellow]{errors} points could not be simulated[/], e.g. {escape(first.result.error or '')}")
     written = [f"[bold]{outcome.db_path}[/] (table sweep_points)"]
     hm = heatmap_data(grid, rows)
     if hm is not None:

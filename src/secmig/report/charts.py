@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from matplotlib import rc_context
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -206,17 +207,27 @@ def monitor_timeline(events: Sequence[MonitorEvent], migrations: Sequence[Migrat
 
 def _heatmap(ax: Axes, grid: np.ndarray, xlabels: Sequence[str], ylabels: Sequence[str], title: str) -> None:
     masked = np.ma.masked_invalid(grid)
-    im = ax.imshow(masked, cmap="viridis", aspect="auto", origin="lower")
-    ax.figure.colorbar(im, ax=ax, shrink=0.9)
+    finite = grid[np.isfinite(grid)]
+    # A logarithmic colour scale when values span more than a factor of 20, or one cell hides the rest.
+    wide = finite.size > 0 and finite.min() > 0 and finite.max() / finite.min() > 20
+    im = ax.imshow(masked, cmap="viridis", aspect="auto", origin="lower", norm=LogNorm() if wide else None)
+    bar = ax.figure.colorbar(im, ax=ax, shrink=0.9)
+    if wide:
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+        bar.ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, _pos: ""))
     ax.set_xticks(range(len(xlabels)), xlabels, rotation=30, ha="right")
     ax.set_yticks(range(len(ylabels)), ylabels)
     ax.set_title(title, loc="left")
     ax.grid(False)
-    finite = grid[np.isfinite(grid)]
-    mid = (finite.min() + finite.max()) / 2 if finite.size else 0.0
+    if finite.size == 0:
+        mid = 0.0
+    elif wide:
+        mid = float(np.sqrt(finite.min() * finite.max()))
+    else:
+        mid = float(finite.min() + finite.max()) / 2
     if grid.size <= 144:
         for (y, x), v in np.ndenumerate(grid):
-            text = "—" if not math.isfinite(v) else (f"{v:.3g}")
+            text = "—" if not math.isfinite(v) else (f"{v:.0f}" if abs(v) >= 100 else f"{v:.3g}")
             ax.text(x, y, text, ha="center", va="center", fontsize=7, color="white" if v < mid else "black")
 
 
