@@ -102,3 +102,21 @@ def test_a_finished_sweep_reruns_nothing_and_starts_no_cluster(sweep_dir: Path) 
     assert (first.computed, first.skipped, first.workers) == (6, 0, 1)
     again = run_sweep(grid, sweep_dir / "out", scheduler="tcp://127.0.0.1:1", points=points)
     assert (again.computed, again.skipped) == (0, 6)
+
+
+def test_sweep_runs_on_a_given_scheduler(sweep_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--scheduler tcp://…`` sends the points to that cluster's workers; ``--workers`` beside it is refused."""
+    from dask.distributed import LocalCluster
+
+    grid = sweep_dir / "small.yaml"
+    grid.write_text("scenario: base.yaml\nseeds: 2\nparameters:\n  defaults.policy: [qemu, xen]\n")
+    with LocalCluster(
+        n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=None
+    ) as cluster:
+        address = cluster.scheduler_address
+        assert address.startswith("tcp://127.0.0.1:")
+        assert main(["sweep", str(grid), "--scheduler", address, "--out", str(sweep_dir / "out")]) == 0
+        assert "4 points computed on 1 worker in" in capsys.readouterr().out
+        assert main(["sweep", str(grid), "--scheduler", address, "--workers", "2"]) == 2
+        assert "--workers sizes the local cluster" in capsys.readouterr().err
+    assert landed(sweep_dir / "out" / "sweep.sqlite") == 4

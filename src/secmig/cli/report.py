@@ -113,7 +113,7 @@ def sweep(
     rows = read_points(outcome.db_path, [p.key for p in points])
     if outcome.computed:
         console.print(
-            f"{outcome.computed} points computed on {outcome.workers} workers in "
+            f"{outcome.computed} points computed on {outcome.workers} worker{'s' if outcome.workers != 1 else ''} in "
             f"{format_duration(outcome.wall_time_s)}; {outcome.skipped} were already done"
         )
     else:
