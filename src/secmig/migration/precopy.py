@@ -83,7 +83,8 @@ class RoundRecord:
     zero_pages: int
     bytes: int
     dirty_pages_after: int
-    """Pages dirtied while this round was on the wire (what the next round must send)."""
+    """Pages dirtied while this round was on the wire. Under round-end policies the next round sends
+    exactly these; under QEMU's rule it also sends the pages this round left in the bitmap."""
     live: bool
 
 
