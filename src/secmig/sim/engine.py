@@ -36,7 +36,7 @@ from secmig.migration.precopy import (
 from secmig.migration.result import MigrationResult
 from secmig.model.analytic import expected_remote_faults
 from secmig.model.infra import VM, Infrastructure
-from secmig.sim.network import FluidNetwork, LinkUsage
+from secmig.sim.network import Flow, FluidNetwork, LinkUsage
 from secmig.sim.topology import Topology
 
 Strategy = Literal["precopy", "stop-and-copy", "postcopy", "hybrid"]
@@ -70,6 +70,8 @@ class TrafficSpec:
     start_s: float = 0.0
     duration_s: float = 60.0
     chunk_s: float = 1.0
+    kind: str = "app"
+    """``app`` for a VM's own traffic; ``exfil`` for memory copied out of it with no grant (attacks)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +137,12 @@ class Simulation:
         self.flows: list[FlowRecord] = []
         self.record_flows = record_flows
         self._progress: Callable[[int, int], None] | None = None
+        # Per-VM byte counters in the network (what a monitor reads), and the hooks a monitor acts through.
+        self.account = {name: i for i, name in enumerate(self.vms)}
+        self.destroyed: dict[str, str] = {}
+        self._migrating: dict[str, tuple[MigrationSpec, str, float, MigrationStrategy, list[Flow]]] = {}
+        self.processes: list[Callable[[], simpy.events.ProcessGenerator]] = []
+        self.on_migration_end: Callable[[MigrationResult], None] | None = None
 
     def _vm(self, name: str, where: str) -> VM:
         try:
@@ -154,6 +162,8 @@ class Simulation:
         for j, t in enumerate(self.spec.traffic):
             self._vm(t.src_vm, f"traffic[{j}]")
             self.env.process(self._traffic(t))
+        for make in self.processes:
+            self.env.process(make())
         self.env.run(until=self.spec.until_s)
         self.results.sort(key=lambda r: (r.start_s, r.vm))
         return RunResult(
@@ -204,13 +214,23 @@ class Simulation:
             path, latency = self.topo.path(src, spec.destination)
             strategy = self._strategy(spec, vm, self.net.path_bandwidth(path))
             dst = spec.destination
+            acct = self.account[vm.name]
+            current: list[Flow] = []
+            self._migrating[vm.name] = (spec, src, start, strategy, current)
             paused_at: float | None = None
             downtime = 0.0
             action = strategy.start(start)
             while True:
                 t0 = float(env.now)
+                if vm.name in self.destroyed:
+                    return
                 if isinstance(action, SendRound):
-                    yield self.net.transfer(path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s).done
+                    current[:] = [
+                        self.net.transfer(
+                            path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s, account=acct
+                        )
+                    ]
+                    yield current[0].done
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     # A throttled guest runs (1 − throttle) of the time, so it dirties as in a shorter period.
                     dirty = vm.dirty.dirty_pages((env.now - t0) * (1.0 - strategy.throttle))
@@ -221,7 +241,8 @@ class Simulation:
                 elif isinstance(action, StopAndCopy):
                     # The VM is paused; QEMU lifts the rate limit for the switchover.
                     paused_at = t0
-                    yield self.net.transfer(path, action.bytes).done
+                    current[:] = [self.net.transfer(path, action.bytes, account=acct)]
+                    yield current[0].done
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     yield env.timeout(latency)
                     downtime = float(env.now) - paused_at
@@ -229,7 +250,8 @@ class Simulation:
                 elif isinstance(action, PostCopyPush):
                     # The VM runs on the destination; it faults on pages still on the source.
                     self.location[vm.name] = dst
-                    yield self.net.transfer(path, action.bytes).done
+                    current[:] = [self.net.transfer(path, action.bytes, account=acct)]
+                    yield current[0].done
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     push_s = float(env.now) - t0
                     faults = expected_remote_faults(vm.dirty.dirty_pages, push_s, action.remote_fraction)
@@ -252,6 +274,7 @@ class Simulation:
         strategy: MigrationStrategy,
     ) -> None:
         done = isinstance(action, Finished)
+        self._migrating.pop(spec.vm, None)
         self.results.append(
             MigrationResult(
                 vm=spec.vm,
@@ -271,19 +294,61 @@ class Simulation:
         )
         if self._progress is not None:
             self._progress(len(self.results), len(self.spec.migrations))
+        if self.on_migration_end is not None:
+            self.on_migration_end(self.results[-1])
+
+    def migrating(self, vm: str) -> tuple[str, str] | None:
+        """(source, destination) of the VM's migration in progress, if any."""
+        m = self._migrating.get(vm)
+        return (m[1], m[0].destination) if m else None
+
+    def abort_migration(self, vm: str, reason: str) -> bool:
+        """Stop a VM's migration now: its flow is cancelled, the VM stays on its source."""
+        m = self._migrating.get(vm)
+        if m is None:
+            return False
+        spec, src, start, strategy, current = m
+        for flow in current:
+            self.net.cancel(flow)
+        if strategy.phase.value == "post-copy":  # type: ignore[attr-defined]
+            return False  # the VM already runs on the destination; nothing to give back
+        self.location[vm] = src
+        self._finish(spec, src, start, 0.0, Aborted(f"aborted by the monitor: {reason}"), strategy)
+        return True
+
+    def destroy(self, vm: str, reason: str) -> None:
+        """The self-destruct: the VM stops, its flows end, its memory is gone."""
+        self.abort_migration(vm, reason)
+        self.destroyed[vm] = reason
+        for flow in self.net.flows_of(self.account[vm]):
+            left = self.net.cancel(flow)
+            if isinstance(flow.tag, tuple):  # an application or exfiltration chunk: keep what it moved
+                kind, src, dst = flow.tag
+                self._record_flow(kind, vm, src, dst, flow.start_s, flow.size_bytes - left)
+            # Wake the traffic process waiting on it; it sees a flow that never ended and stops.
+            flow.done.succeed(flow)
 
     def _traffic(self, spec: TrafficSpec) -> simpy.events.ProcessGenerator:
         env = self.env
         yield env.timeout(spec.start_s)
         end = spec.start_s + spec.duration_s
-        while env.now < end - 1e-12:
+        while env.now < end - 1e-12 and spec.src_vm not in self.destroyed:
             src = self.location[spec.src_vm]
             dst = self.location.get(spec.dst, spec.dst)
             path, _ = self.topo.path(src, dst)
             chunk = min(spec.chunk_s, end - env.now) * spec.rate_bytes_per_s
             t0 = float(env.now)
-            yield self.net.transfer(path, chunk, cap_bytes_per_s=spec.rate_bytes_per_s).done
-            self._record_flow("app", spec.src_vm, src, dst, t0, chunk)
+            flow = self.net.transfer(
+                path,
+                chunk,
+                cap_bytes_per_s=spec.rate_bytes_per_s,
+                account=self.account[spec.src_vm],
+                tag=(spec.kind, src, dst),
+            )
+            yield flow.done
+            if flow.end_s is None:
+                return
+            self._record_flow(spec.kind, spec.src_vm, src, dst, t0, chunk)
 
 
 def run(spec: SimulationSpec, progress: Callable[[int, int], None] | None = None) -> RunResult:

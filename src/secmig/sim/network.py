@@ -75,9 +75,7 @@ class LinkUsage:
 class FluidNetwork:
     """Links, flows and the max-min fair share of the one among the other."""
 
-    def __init__(
-        self, env: simpy.Environment, *, record_usage: bool = True, usage_bin_s: float = 0.1
-    ) -> None:
+    def __init__(self, env: simpy.Environment, *, record_usage: bool = True, usage_bin_s: float = 0.1) -> None:
         self.env = env
         self.links: list[Link] = []
         self._by_name: dict[str, int] = {}
@@ -90,6 +88,9 @@ class FluidNetwork:
         self._remaining = np.zeros(n)
         self._rate = np.zeros(n)
         self._flow_cap = np.full(n, np.inf)
+        self._account = np.full(n, -1, dtype=np.int64)
+        self._account_bytes = np.zeros(0)
+        self._link_bytes = np.zeros(0)
         self._active = np.zeros(n, dtype=bool)
         self._path = np.zeros((n, 1), dtype=np.int64)
         self._flows: list[Flow | None] = [None] * n
@@ -143,9 +144,19 @@ class FluidNetwork:
     # --- flows -----------------------------------------------------------------------------------------
 
     def transfer(
-        self, path: Sequence[int], size_bytes: float, *, cap_bytes_per_s: float = math.inf, tag: Any = None
+        self,
+        path: Sequence[int],
+        size_bytes: float,
+        *,
+        cap_bytes_per_s: float = math.inf,
+        tag: Any = None,
+        account: int = -1,
     ) -> Flow:
-        """Start a flow of ``size_bytes`` along ``path`` now; its ``done`` event fires when it ends."""
+        """Start a flow of ``size_bytes`` along ``path`` now; its ``done`` event fires when it ends.
+
+        Bytes of flows with an ``account`` (≥ 0) are added up per account as they move (see
+        :meth:`account_bytes`): what a monitor reads as a VM's byte counter.
+        """
         if size_bytes < 0:
             raise SimulationError(f"flow of {size_bytes} bytes")
         if not path and math.isinf(cap_bytes_per_s):
@@ -169,6 +180,11 @@ class FluidNetwork:
         self._remaining[slot] = size_bytes
         self._rate[slot] = 0.0
         self._flow_cap[slot] = cap_bytes_per_s
+        self._account[slot] = account
+        if account >= len(self._account_bytes):
+            self._account_bytes = np.concatenate(
+                (self._account_bytes, np.zeros(account + 1 - len(self._account_bytes)))
+            )
         self._active[slot] = True
         self._flows[slot] = flow
         self._request_update()
@@ -219,6 +235,7 @@ class FluidNetwork:
         self._remaining = np.concatenate((self._remaining, np.zeros(old)))
         self._rate = np.concatenate((self._rate, np.zeros(old)))
         self._flow_cap = np.concatenate((self._flow_cap, np.full(old, np.inf)))
+        self._account = np.concatenate((self._account, np.full(old, -1, dtype=np.int64)))
         self._active = np.concatenate((self._active, np.zeros(old, dtype=bool)))
         pad = np.full((old, self._path.shape[1]), len(self.links), dtype=np.int64)
         self._path = np.concatenate((self._path, pad))
@@ -236,6 +253,12 @@ class FluidNetwork:
         if dt > 0:
             act = self._active
             self._remaining[act] -= self._rate[act] * dt
+            counted = act & (self._account >= 0)
+            if counted.any():
+                np.add.at(self._account_bytes, self._account[counted], self._rate[counted] * dt)
+            if len(self._link_bytes) != len(self._load):
+                self._link_bytes = np.zeros(len(self._load))
+            self._link_bytes += self._load * dt
             if self.record_usage:
                 self._accumulate(self._last_t, now)
         self._last_t = now
@@ -366,6 +389,20 @@ class FluidNetwork:
                 paths.ravel(), weights=np.repeat(rates, paths.shape[1]), minlength=n_links + 1
             ).astype(np.float64)
         self._load = new_load
+
+    def account_bytes(self, account: int) -> float:
+        """Bytes moved so far by the flows of ``account``, up to now."""
+        self._advance()
+        return float(self._account_bytes[account]) if account < len(self._account_bytes) else 0.0
+
+    def link_bytes(self, link: int) -> float:
+        """Bytes a link has carried so far, up to now."""
+        self._advance()
+        return float(self._link_bytes[link]) if link < len(self._link_bytes) else 0.0
+
+    def flows_of(self, account: int) -> list[Flow]:
+        """The active flows of an account."""
+        return [f for slot in np.flatnonzero(self._active & (self._account == account)) if (f := self._flows[slot])]
 
     def load_of(self, link: int) -> float:
         """The total rate on a link right now."""

@@ -112,6 +112,7 @@ class TrafficModel(_Model):
     rate: ByteRate
     start: Duration = 0.0
     duration: Duration = 60.0
+    kind: Literal["app", "exfil"] = "app"
 
 
 class DefaultsModel(_Model):
@@ -315,7 +316,7 @@ def build_spec(model: ScenarioModel, source: str, base_dir: Path) -> SimulationS
             raise ConfigError(f"{source}: traffic[{i}].to: unknown vm or host {t.to!r}")
         if t.rate <= 0:
             raise ConfigError(f"{source}: traffic[{i}].rate: must be positive")
-        traffic.append(TrafficSpec(t.src, t.to, t.rate, t.start, t.duration))
+        traffic.append(TrafficSpec(t.src, t.to, t.rate, t.start, t.duration, kind=t.kind))
     return SimulationSpec(
         name=model.name,
         infra=Infrastructure(
