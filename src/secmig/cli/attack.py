@@ -106,6 +106,8 @@ def sweep_attacks(
     ax.plot(xs, ys, "o-")
     for r, x, y in zip(rows, xs, ys, strict=True):
         ax.annotate(f"medium {r['medium']:g}×", (x, y), xytext=(4, -10), textcoords="offset points", fontsize=7)
+    ax.set_ylim(0, 105)
+    ax.set_xlim(left=0)
     ax.set_xlabel("benign VM-windows that trigger an identity check (%)")
     ax.set_ylabel("detection attacks detected (%)")
     ax.set_title("Rate thresholds: detection vs checks on honest VMs", fontsize=10)
