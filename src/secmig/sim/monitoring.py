@@ -9,7 +9,6 @@ through :class:`SimResponder`, whose identity check is the security core's real 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import simpy
@@ -191,5 +190,3 @@ def new_cluster(root: object, hosts: list[str], revoked: list[str] | None = None
         cluster.revoke(h, "compromised")
     return cluster
 
-
-Timeline = Callable[[], None]
