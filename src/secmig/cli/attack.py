@@ -124,13 +124,31 @@ def experiment_paper(
     rules: RulesOption = None,
 ) -> None:
     """Two datacenters, VMs moved while rates are monitored: Table 6.1 (CSV) and Chart 1 (PNG)."""
+    import json
+    from importlib import resources
+
+    from secmig.cli.report import write_run_report
     from secmig.monitor.rules import load_rules
+    from secmig.results.store import save_monitor_events, save_run
     from secmig.sim.experiment import run_paper_experiment, write_chart, write_table
 
     run, rows = run_paper_experiment(load_rules(rules))
     out.mkdir(parents=True, exist_ok=True)
     write_table(rows, out / "table-6-1.csv")
     write_chart(run, rows, out / "chart-1.png")
+    # The run and the monitor's verdicts go to the results database, and its report beside the table.
+    db = out / "secmig.sqlite"
+    text = resources.files("secmig.data").joinpath("experiment-paper.yaml").read_text(encoding="utf-8")
+    run_id = save_run(db, run.result, text)
+    save_monitor_events(
+        db,
+        run_id,
+        [
+            (v.t_s, v.vm, v.vswitch, v.rule, v.level.value, v.action.value, json.dumps(v.evidence, default=str))
+            for v in run.log.verdicts
+        ],
+    )
+    report = write_run_report(db, run_id, out)
     table = Table(title="Table 6.1 — VMs moved between hypervisors, rates at the vSwitch", header_style="bold")
     for col in ("VM", "move", "preset rate", "start", "completion", "actual rate", "verdict"):
         table.add_column(col)
@@ -145,4 +163,4 @@ def experiment_paper(
             r.verdict,
         )
     console.print(table)
-    console.print(f"written: {out / 'table-6-1.csv'}, {out / 'chart-1.png'}")
+    console.print(f"written: {out / 'table-6-1.csv'}, {out / 'chart-1.png'}, {report} (run {run_id} in {db})")

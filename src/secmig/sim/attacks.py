@@ -50,7 +50,7 @@ from secmig.security.location import MemoryBindingRegistry
 from secmig.security.loopback import ConnectionPair, Tamper
 from secmig.security.policy import Operation
 from secmig.security.protocol import MigrationConnection
-from secmig.sim.engine import Simulation
+from secmig.sim.engine import RunResult, Simulation
 from secmig.sim.monitoring import MonitorLog, SimSecurity, attach_monitor, new_cluster
 from secmig.sim.scenario import build_spec, parse_scenario
 
@@ -274,6 +274,7 @@ class ScenarioRun:
     sim: Simulation
     log: MonitorLog
     security: SimSecurity
+    result: RunResult
 
 
 def run_scenario(path: Path, rules: RuleSet) -> ScenarioRun:
@@ -296,7 +297,7 @@ def run_scenario(path: Path, rules: RuleSet) -> ScenarioRun:
             )
         sim = Simulation(spec)
         log = attach_monitor(sim, rules, security, until_s=spec.until_s)
-        sim.run()
+        result = sim.run()
     return ScenarioRun(
         path.stem,
         str(block.get("kind", "detection")),
@@ -306,6 +307,7 @@ def run_scenario(path: Path, rules: RuleSet) -> ScenarioRun:
         sim,
         log,
         security,
+        result,
     )
 
 
