@@ -1,5 +1,7 @@
 """The attack suite end to end: authentication attacks leak nothing, detection attacks are caught."""
 
+import sqlite3
+
 import pytest
 
 from secmig.cli import main
@@ -44,3 +46,7 @@ def test_experiment_paper_writes_table_and_chart(tmp_path, capsys: pytest.Captur
     assert sum("identity check failed" in r for r in rows) == 2
     assert (tmp_path / "chart-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Table 6.1" in capsys.readouterr().out
+    with sqlite3.connect(tmp_path / "secmig.sqlite") as db:
+        destroyed = db.execute("SELECT vm FROM monitor_events WHERE action = 'destroy' ORDER BY vm").fetchall()
+    assert destroyed == [("vm3",), ("vm4",)]
+    assert "Monitor verdicts" in (tmp_path / "report.html").read_text()
