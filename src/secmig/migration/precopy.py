@@ -101,6 +101,7 @@ class MigrationStrategy(Protocol):
     """What a driver needs of any strategy."""
 
     rounds: list[RoundRecord]
+    phase: Phase
     throttle: float
     """Share of vCPU time taken from the guest (auto-converge); the guest dirties (1 − throttle) as fast."""
     extra: dict[str, float]

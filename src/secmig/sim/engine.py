@@ -26,6 +26,7 @@ from secmig.migration.precopy import (
     AutoConverge,
     Finished,
     MigrationStrategy,
+    Phase,
     PostCopyMigration,
     PostCopyPush,
     PreCopyMigration,
@@ -310,7 +311,7 @@ class Simulation:
         spec, src, start, strategy, current = m
         for flow in current:
             self.net.cancel(flow)
-        if strategy.phase.value == "post-copy":  # type: ignore[attr-defined]
+        if strategy.phase is Phase.POSTCOPY:
             return False  # the VM already runs on the destination; nothing to give back
         self.location[vm] = src
         self._finish(spec, src, start, 0.0, Aborted(f"aborted by the monitor: {reason}"), strategy)
