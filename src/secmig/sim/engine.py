@@ -140,6 +140,12 @@ class Simulation:
         self._progress: Callable[[int, int], None] | None = None
         # Per-VM byte counters in the network (what a monitor reads), and the hooks a monitor acts through.
         self.account = {name: i for i, name in enumerate(self.vms)}
+        # A VM's migration stream has its own counter: the monitor weighs memory moved against the RAM.
+        self.memory_account = {name: len(self.vms) + i for i, name in enumerate(self.vms)}
+        self.paused: dict[str, float] = {}
+        """VMs paused for a stop-and-copy, and since when."""
+        self.rate_cap: dict[str, float] = {}
+        """Per-VM rate caps set by :meth:`throttle`."""
         self.destroyed: dict[str, str] = {}
         self._migrating: dict[str, tuple[MigrationSpec, str, float, MigrationStrategy, list[Flow]]] = {}
         self.processes: list[Callable[[], simpy.events.ProcessGenerator]] = []
@@ -215,7 +221,8 @@ class Simulation:
             path, latency = self.topo.path(src, spec.destination)
             strategy = self._strategy(spec, vm, self.net.path_bandwidth(path))
             dst = spec.destination
-            acct = self.account[vm.name]
+            acct = self.memory_account[vm.name]
+            tag = ("migration", src, spec.destination)
             current: list[Flow] = []
             self._migrating[vm.name] = (spec, src, start, strategy, current)
             paused_at: float | None = None
@@ -228,7 +235,11 @@ class Simulation:
                 if isinstance(action, SendRound):
                     current[:] = [
                         self.net.transfer(
-                            path, action.bytes, cap_bytes_per_s=spec.max_bandwidth_bytes_per_s, account=acct
+                            path,
+                            action.bytes,
+                            cap_bytes_per_s=min(spec.max_bandwidth_bytes_per_s, self.rate_cap.get(vm.name, math.inf)),
+                            account=acct,
+                            tag=tag,
                         )
                     ]
                     yield current[0].done
@@ -242,16 +253,18 @@ class Simulation:
                 elif isinstance(action, StopAndCopy):
                     # The VM is paused; QEMU lifts the rate limit for the switchover.
                     paused_at = t0
-                    current[:] = [self.net.transfer(path, action.bytes, account=acct)]
+                    self.paused[vm.name] = t0
+                    current[:] = [self.net.transfer(path, action.bytes, account=acct, tag=tag)]
                     yield current[0].done
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     yield env.timeout(latency)
                     downtime = float(env.now) - paused_at
+                    self.paused.pop(vm.name, None)
                     action = strategy.stop_and_copy_done(float(env.now))
                 elif isinstance(action, PostCopyPush):
                     # The VM runs on the destination; it faults on pages still on the source.
                     self.location[vm.name] = dst
-                    current[:] = [self.net.transfer(path, action.bytes, account=acct)]
+                    current[:] = [self.net.transfer(path, action.bytes, account=acct, tag=tag)]
                     yield current[0].done
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     push_s = float(env.now) - t0
@@ -314,6 +327,7 @@ class Simulation:
         if strategy.phase is Phase.POSTCOPY:
             return False  # the VM already runs on the destination; nothing to give back
         self.location[vm] = src
+        self.paused.pop(vm, None)  # it resumes on its source
         self._finish(spec, src, start, 0.0, Aborted(f"aborted by the monitor: {reason}"), strategy)
         return True
 
@@ -329,6 +343,13 @@ class Simulation:
             # Wake the traffic process waiting on it; it sees a flow that never ended and stops.
             flow.done.succeed(flow)
 
+    def throttle(self, vm: str, cap_bytes_per_s: float) -> None:
+        """Cap each of the VM's flows, those on the wire now and those to come, at ``cap_bytes_per_s``."""
+        self.rate_cap[vm] = cap_bytes_per_s
+        for account in (self.account[vm], self.memory_account[vm]):
+            for flow in self.net.flows_of(account):
+                self.net.set_cap(flow, cap_bytes_per_s)
+
     def _traffic(self, spec: TrafficSpec) -> simpy.events.ProcessGenerator:
         env = self.env
         yield env.timeout(spec.start_s)
@@ -342,7 +363,7 @@ class Simulation:
             flow = self.net.transfer(
                 path,
                 chunk,
-                cap_bytes_per_s=spec.rate_bytes_per_s,
+                cap_bytes_per_s=min(spec.rate_bytes_per_s, self.rate_cap.get(spec.src_vm, math.inf)),
                 account=self.account[spec.src_vm],
                 tag=(spec.kind, src, dst),
             )

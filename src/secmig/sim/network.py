@@ -200,6 +200,14 @@ class FluidNetwork:
         self._request_update()
         return left
 
+    def set_cap(self, flow: Flow, cap_bytes_per_s: float) -> None:
+        """Change a flow's rate cap from now on (a throttle); a flow that has ended is left alone."""
+        if flow.slot < 0 or not self._active[flow.slot] or self._flows[flow.slot] is not flow:
+            return
+        self._advance()
+        self._flow_cap[flow.slot] = cap_bytes_per_s
+        self._request_update()
+
     def rate_of(self, flow: Flow) -> float:
         if flow.slot < 0 or self._flows[flow.slot] is not flow:
             return 0.0
