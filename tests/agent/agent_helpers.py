@@ -97,3 +97,114 @@ def run(coro_fn: Callable[[], Coroutine[Any, Any, T]], timeout_s: float = 120.0)
         return await asyncio.wait_for(coro_fn(), timeout_s)
 
     return asyncio.run(body())
+
+
+class CuttingProxy:
+    """A TCP proxy between two agents that counts bytes each way and can cut the link after N bytes."""
+
+    def __init__(self, target: tuple[str, int], cut_after_bytes: int | None = None) -> None:
+        self.target = target
+        self.cut_after_bytes = cut_after_bytes
+        self.to_destination = 0
+        self.to_source = 0
+        self.raw: bytearray = bytearray()
+        self.cut = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> str:
+        """Listen on a free loopback port; returns ``host:port``."""
+        self._server = await asyncio.start_server(self._on_client, "127.0.0.1", 0)
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return f"{host}:{port}"
+
+    def cut_now(self) -> None:
+        """Drop both sides at once (RST)."""
+        self.cut.set()
+        for w in self._writers:
+            w.transport.abort()
+
+    async def close(self) -> None:
+        self.cut_now()
+        if self._server is not None:
+            self._server.close()
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            up_r, up_w = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self._writers += [writer, up_w]
+
+        async def pipe(r: asyncio.StreamReader, w: asyncio.StreamWriter, forward: bool) -> None:
+            with contextlib.suppress(OSError, ConnectionError):
+                while data := await r.read(1 << 16):
+                    if forward:
+                        if self.cut_after_bytes is not None and self.to_destination + len(data) > self.cut_after_bytes:
+                            self.cut_now()
+                            return
+                        self.to_destination += len(data)
+                        if len(self.raw) < 1 << 20:
+                            self.raw += data
+                    else:
+                        self.to_source += len(data)
+                    w.write(data)
+                    await w.drain()
+                w.close()
+
+        await asyncio.gather(pipe(reader, up_w, True), pipe(up_r, writer, False))
+
+
+def free_port() -> int:
+    """A TCP port the kernel just said is free on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def write_host_yaml(path: Path, cluster_dir: Path, host: str, base: Path, port: int, peers: dict[str, str]) -> Path:
+    """A host.yaml file for a subprocess agent."""
+    import yaml
+
+    doc = {
+        "host_id": host,
+        "cluster": str(cluster_dir),
+        "listen": f"127.0.0.1:{port}",
+        "control_socket": str(base / f"{host}.sock"),
+        "state_dir": str(base / host),
+        "peers": peers,
+        "migration": {"max_bandwidth": "40MB/s", "idle_timeout": "5s"},
+        "log_level": "debug",
+    }
+    path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    return path
+
+
+async def spawn_agent(config: Path, log: Path) -> asyncio.subprocess.Process:
+    """``secmig agent run --config`` in a child process; returns once its control socket answers."""
+    import sys
+
+    import yaml
+
+    from secmig.agent.control import ControlClient
+    from secmig.agent.errors import AgentUnavailable
+
+    with open(log, "ab") as fh:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "secmig", "agent", "run", "--config", str(config), stdout=fh, stderr=fh
+        )
+    sock = Path(yaml.safe_load(config.read_text())["control_socket"])
+    client = ControlClient(sock, timeout_s=5)
+    for _ in range(300):
+        if proc.returncode is not None:
+            raise AssertionError(f"agent exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            await client.call("status")
+            return proc
+        except AgentUnavailable:
+            await asyncio.sleep(0.05)
+    proc.kill()
+    raise AssertionError("agent did not come up")

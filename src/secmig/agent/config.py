@@ -19,6 +19,7 @@ Sizes, rates and durations take units as everywhere in secmig. This module reads
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -61,6 +62,11 @@ def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int
         port_text = rest.removeprefix(":") or str(default_port)
     elif text.count(":") == 1:
         host, port_text = text.split(":")
+    elif ":" in text:
+        try:
+            host, port_text = str(ipaddress.IPv6Address(text)), str(default_port)
+        except ValueError:
+            raise ValueError(f"{text!r} is not host:port (write IPv6 as [addr]:port)") from None
     else:
         host, port_text = text, str(default_port)
     if not port_text.isdigit() or not 0 <= int(port_text) <= 65535 or not host:
@@ -176,7 +182,8 @@ def parse_config(data: Any, source: str, base: Path | None = None) -> HostConfig
     try:
         cfg = HostConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # A misspelt field also makes the real one "missing": name the misspelling first.
+        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown field"

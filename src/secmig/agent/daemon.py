@@ -34,7 +34,7 @@ from secmig.agent.memmigrate import SendSettings, receive_memory_vm, send_memory
 from secmig.agent.memvm import MemoryVM, VMState, WorkloadSpec
 from secmig.agent.monitoring import MonitorHook, RulesMonitor
 from secmig.agent.report import MigrationHandle, MigrationReport
-from secmig.errors import ConfigError, MigrationAborted, MigrationError, SecmigError
+from secmig.errors import ConfigError, MigrationAborted, MigrationError, RemoteProtocolError, SecmigError
 from secmig.migration import policy_preset
 from secmig.model.units import PAGE_SIZE
 from secmig.monitor import load_rules
@@ -471,6 +471,9 @@ class Agent:
         handle = MigrationHandle(name, "source", to)
         self._track(handle, entry.vm.ram_bytes)
         entry.handle = handle
+        task = asyncio.current_task()
+        if task is not None:  # so that stop() waits for this migration to unwind
+            self._tasks.add(task)
         try:
             if entry.driver == "memory":
                 report = await self._migrate_memory(entry, to, op, _grant(grant), address, handle, downtime_limit_s)
@@ -478,6 +481,10 @@ class Agent:
                 report = await self.qemu_host().migrate(
                     self, entry, to, op, _grant(grant), address, handle, data_plane, downtime_limit_s
                 )
+        except RemoteProtocolError as err:
+            assert self.audit is not None
+            self.audit.record("migration.failed", "refuse", name, {"to": to, "reason": str(err)[:300]})
+            raise MigrationAborted(f"migration of {name} to {to} failed, VM still here: {err}") from err
         except BaseException as err:
             assert self.audit is not None
             self.audit.record(
@@ -485,6 +492,8 @@ class Agent:
             )
             raise
         finally:
+            if task is not None:
+                self._tasks.discard(task)
             entry.handle = None
             self._untrack(handle)
             if handle.destroy_requested and name in self.vms:
