@@ -19,8 +19,10 @@ from agent_helpers import (
 )
 
 from secmig.agent.config import parse_address
+from secmig.agent.daemon import Agent
 from secmig.errors import AuthenticationError, AuthorizationError
 from secmig.security import Cluster
+from secmig.security.frames import memory_digest
 
 
 @pytest.fixture(scope="module")
@@ -98,15 +100,21 @@ def test_a_grant_works_once(cluster_dir: Path, cluster: Cluster, base: Path) -> 
 
     async def body() -> None:
         async with running(host_config(cluster_dir, "hv-b", base)) as b:
-            async with running(host_config(cluster_dir, "hv-a", base, {"hv-b": addr(b)})) as a:
+            a = Agent(host_config(cluster_dir, "hv-a", base, {"hv-b": addr(b)}))
+            await a.start()
+            try:
                 await start_bound_vm(a, cluster, "vm1", spec(16 * MIB, 8 * MIB))
                 grant = grant_for(cluster, a, "vm1", "hv-b", op="copy")
                 report = await a.migrate("vm1", "hv-b", "copy", grant)
                 assert report.outcome == "completed" and b.vms["vm1"].stored
+                # The stored copy is exactly the memory the commit digest names.
+                assert memory_digest(b.vms["vm1"].vm.memory.data, 4096).hex() == report.memory_digest
                 await b.stop_vm("vm1")
                 with pytest.raises(AuthorizationError, match="replay"):
                     await a.migrate("vm1", "hv-b", "copy", grant)
                 assert a.vms["vm1"].vm.running and "vm1" not in b.vms
+            finally:
+                await a.stop()
 
     run(body)
 
