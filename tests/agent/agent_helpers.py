@@ -208,3 +208,12 @@ async def spawn_agent(config: Path, log: Path) -> asyncio.subprocess.Process:
             await asyncio.sleep(0.05)
     proc.kill()
     raise AssertionError("agent did not come up")
+
+
+@contextlib.asynccontextmanager
+async def agent_pair(cluster_dir: Path, base: Path, **extra: Any) -> AsyncIterator[tuple[Agent, Agent]]:
+    """hv-a (with hv-b as its peer) and hv-b, both running, with the same extra configuration."""
+    async with contextlib.AsyncExitStack() as stack:
+        b = await stack.enter_async_context(running(host_config(cluster_dir, "hv-b", base, **extra)))
+        a = await stack.enter_async_context(running(host_config(cluster_dir, "hv-a", base, {"hv-b": addr(b)}, **extra)))
+        yield a, b

@@ -83,6 +83,8 @@ class MachineConfig:
     accel: Accel
     qemu_binary: str
     incoming: bool = False
+    extra_args: tuple[str, ...] = ()
+    """More QEMU arguments (the agents add ``-S`` so that a destination stays paused until COMMIT)."""
 
     def __post_init__(self) -> None:
         if self.ram_bytes <= 0 or self.ram_bytes % (1 << 20):
@@ -106,7 +108,7 @@ class MachineConfig:
         ]  # fmt: skip
         if self.incoming:
             args += ["-incoming", "defer"]
-        return args
+        return args + list(self.extra_args)
 
 
 class QemuMachine:
