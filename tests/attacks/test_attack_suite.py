@@ -1,11 +1,25 @@
-"""The attack suite end to end: authentication attacks leak nothing, detection attacks are caught."""
+"""The attack suite end to end: authentication attacks leak nothing (measured), detection attacks are caught."""
 
 import sqlite3
+from pathlib import Path
 
 import pytest
 
 from secmig.cli import main
-from secmig.sim.attacks import AUTH_ATTACKS, false_alarm_rate, run_attack
+from secmig.errors import ConfigError
+from secmig.monitor import Action, RuleSet
+from secmig.security.policy import Operation
+from secmig.sim.attacks import (
+    AUTH_ATTACKS,
+    _Lab,
+    _legit,
+    _migrate_in_memory,
+    false_alarm_rate,
+    run_attack,
+    run_scenario,
+    scenario_files,
+)
+from secmig.sim.monitoring import new_cluster
 
 
 @pytest.mark.parametrize("name", sorted(AUTH_ATTACKS))
@@ -13,40 +27,123 @@ def test_authentication_attacks_leak_zero_pages(name: str) -> None:
     """Rogue, revoked, MITM, replay and grant-less clone/copy/template: refused with 0 page bytes across."""
     r = run_attack(name)
     assert r.stopped and r.pages_leaked == 0 and r.vm_fate == "stays on its source"
+    assert "measured:" in r.detail and "refusal" in r.detail
 
 
-@pytest.mark.parametrize("name", ["exfil-unauthorized-move", "coloc-vswitch-flood", "migration-storm"])
-def test_detection_attacks_are_caught_and_the_vm_destroyed(name: str) -> None:
-    """Fast unauthorized moves, a vSwitch flood and a storm: detected within a window, the VM destroyed."""
+def test_the_leak_counter_sees_pages_when_they_do_cross(tmp_path: Path) -> None:
+    """The same harness with a valid grant to a member delivers all 64 pages, none of them readable on the wire."""
+    cluster = new_cluster(tmp_path / "c", ["hv-a", "hv-b"])
+    t = _migrate_in_memory(_Lab(cluster), dst_identity=cluster.host_identity("hv-b"), **_legit(cluster))
+    assert t.page_bytes_delivered == 64 * 4096 and t.page_bytes_released == 64 * 4096
+    assert t.pages_on_wire_in_clear == 0 and t.committed
+    assert t.memory[1000:1064] not in t.wire
+
+
+@pytest.mark.parametrize(
+    ("name", "rule", "within_s"),
+    [
+        ("exfil-unauthorized-move", "rate", 1.0),
+        ("coloc-vswitch-flood", "rate", 1.0),
+        ("migration-storm", "rate", 1.0),
+        ("harvest-precopy", "data", 60.0),
+        ("stalled-switchover", "downtime", 2.5),
+    ],
+)
+def test_detection_attacks_are_caught_and_the_vm_destroyed(name: str, rule: str, within_s: float) -> None:
+    """Each detection attack is caught by the rule meant for it, with its time to detect; the VM self-destructs."""
     r = run_attack(name)
-    assert r.stopped and r.vm_fate == "destroyed"
-    assert r.time_to_detect_s is not None and 0 < r.time_to_detect_s <= 2.0
+    assert r.stopped and r.rule == rule and r.vm_fate == "destroyed"
+    assert r.time_to_detect_s is not None and 0 < r.time_to_detect_s <= within_s
 
 
 def test_low_rate_exfiltration_is_reported_as_it_is() -> None:
     """The slow leak stays under the thresholds: reported undetected, with what leaked."""
     r = run_attack("low-rate-exfil")
-    assert not r.stopped and r.pages_leaked > 0 and r.vm_fate.startswith("running")
+    assert not r.stopped and r.pages_leaked > 60_000 and r.vm_fate.startswith("running")
+    assert "10% of its preset rate" in r.detail
 
 
 def test_benign_false_alarm_rate_is_at_most_one_percent() -> None:
     """Bursty honest VMs and large legitimate migrations: ≤ 1 % of VM-windows with a wrongful action."""
-    results = [run_attack("benign-bursty"), run_attack("benign-migrations")]
-    assert sum(r.windows for r in results) > 500
+    results = [run_attack(n) for n in scenario_files() if n.startswith("benign-")]
+    assert sum(r.windows for r in results) > 900
     assert false_alarm_rate(results) <= 0.01
-    # The legitimate migrations did trigger identity checks (HIGH rate), and all passed.
-    assert results[1].identity_checks > 0 and results[1].stopped
+    # The legitimate migrations did trigger identity checks, and all passed: no VM was touched.
+    assert sum(r.identity_checks for r in results) > 0 and all(r.vm_fate == "all running" for r in results)
 
 
-def test_experiment_paper_writes_table_and_chart(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
-    """`secmig experiment paper` writes Table 6.1 as CSV and Chart 1 as PNG; the unauthorized moves are destroyed."""
+def test_throttle_acts_on_the_simulation() -> None:
+    """With throttle as the failed check's action, the exfiltrating VM lives on, capped at its preset rate."""
+    path = scenario_files()["exfil-unauthorized-move"]
+    run = run_scenario(path, RuleSet(on_failed_challenge=Action.THROTTLE))
+    assert "db-1" not in run.sim.destroyed and run.sim.rate_cap["db-1"] == pytest.approx(50e6)
+    late = [b for t, b in run.log.rates["db-1"] if 20 < t < 40]
+    assert max(late) <= 2 * 50e6 * 1.001  # its two flows (app and exfil), each capped at the preset rate
+
+
+def test_abort_leaves_the_vm_on_its_source() -> None:
+    """With abort as the failed check's action, an ungranted migration is cut and the VM stays where it was."""
+    run = run_scenario(scenario_files()["migration-storm"], RuleSet(on_failed_challenge=Action.ABORT))
+    assert not run.sim.destroyed
+    assert run.sim.location["app-1"] == "east-h2" and run.sim.location["web-2"] == "east-h2"
+    aborted = {m.vm for m in run.result.migrations if m.outcome == "aborted"}
+    assert {"app-1", "web-2", "db-1", "web-1"} == aborted
+
+
+def test_a_bad_attack_block_is_one_clear_error(tmp_path: Path) -> None:
+    """An unknown host in attack.outside, or no attack block at all, is a ConfigError naming the file."""
+    text = scenario_files()["low-rate-exfil"].read_text().replace("outside: [rogue-h1]", "outside: [nowhere]")
+    (tmp_path / "bad.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=r"bad.yaml: attack.outside: unknown host 'nowhere'"):
+        run_scenario(tmp_path / "bad.yaml", RuleSet())
+    (tmp_path / "plain.yaml").write_text("name: x\n")
+    with pytest.raises(ConfigError, match="needs an 'attack:' block"):
+        run_scenario(tmp_path / "plain.yaml", RuleSet())
+    with pytest.raises(ConfigError, match="unknown attack"):
+        run_attack("nope")
+
+
+def test_attack_run_stores_verdicts_and_an_intact_audit_log(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`attack run NAME --out` prints the table and writes the CSV, the monitor_events and a verifiable audit log."""
+    assert main(["attack", "run", "exfil-unauthorized-move", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "exfil-unauthorized-move" in out and "destroyed" in out
+    assert "exfil-unauthorized-move,detection,True,rate" in (tmp_path / "attacks.csv").read_text()
+    with sqlite3.connect(tmp_path / "secmig.sqlite") as db:
+        assert ("db-1", "destroy") in db.execute("SELECT vm, action FROM monitor_events").fetchall()
+    assert main(["audit", "verify", "--db", str(tmp_path / "audit.sqlite")]) == 0
+    assert main(["attack", "run", "nope"]) == 2
+
+
+def test_attack_sweep_writes_table_csv_and_plot(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`attack sweep` over two thresholds: detection falls as the threshold rises; CSV and PNG written."""
+    assert main(["attack", "sweep", "--medium", "1.25,30", "--out", str(tmp_path)]) == 0
+    rows = (tmp_path / "sweep.csv").read_text().splitlines()
+    assert rows[0].startswith("medium,high,detected,detected_by_rate") and len(rows) == 3
+    low, high = (dict(zip(rows[0].split(","), map(float, r.split(",")), strict=True)) for r in rows[1:])
+    assert low["detected_by_rate"] > high["detected_by_rate"] and low["false_alarm_rate"] <= 0.01
+    assert (tmp_path / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Rate thresholds" in capsys.readouterr().out
+    assert main(["attack", "sweep", "--medium", "x", "--out", str(tmp_path)]) == 2
+
+
+def test_experiment_paper_writes_table_and_chart(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`experiment paper`: Table 6.1 as CSV, Chart 1 as PNG, the verdicts in monitor_events and the report."""
     assert main(["experiment", "paper", "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "table-6-1.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("vm,move,preset_rate")
-    assert sum("identity check failed" in r for r in rows) == 2
+    assert sum("identity check failed → destroy" in r for r in rows) == 2
+    assert sum(r.split(",")[-1].startswith("authorized") for r in rows[1:]) == 2
     assert (tmp_path / "chart-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "Table 6.1" in capsys.readouterr().out
     with sqlite3.connect(tmp_path / "secmig.sqlite") as db:
         destroyed = db.execute("SELECT vm FROM monitor_events WHERE action = 'destroy' ORDER BY vm").fetchall()
     assert destroyed == [("vm3",), ("vm4",)]
     assert "Monitor verdicts" in (tmp_path / "report.html").read_text()
+    assert main(["audit", "verify", "--db", str(tmp_path / "audit.sqlite")]) == 0
+
+
+def test_every_grantable_operation_without_a_grant_is_in_the_suite() -> None:
+    """Clone, copy and template (Table 4.1's insider operations) each have a grant-less attack."""
+    names = {f"unauthorized-{op.value}" for op in (Operation.CLONE, Operation.COPY, Operation.TEMPLATE)}
+    assert names <= set(AUTH_ATTACKS)

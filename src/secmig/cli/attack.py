@@ -1,21 +1,26 @@
-"""``secmig attack list|run|sweep`` and ``secmig experiment paper``."""
+"""``secmig attack list|run|sweep``: the attack suite against the security core and the monitor."""
 
 from __future__ import annotations
 
 import csv
+import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from secmig.cli import app, console
-from secmig.model.units import format_duration
+from secmig.errors import ConfigError
+
+if TYPE_CHECKING:
+    from secmig.monitor.samples import Verdict
+    from secmig.security.audit import AuditLog
 
 attack_app = typer.Typer(help="The attack suite: adversaries against the security core and the monitor.")
-experiment_app = typer.Typer(help="Reproduce the paper's experiment.")
 app.add_typer(attack_app, name="attack")
-app.add_typer(experiment_app, name="experiment")
 
 RulesOption = Annotated[Path | None, typer.Option("--rules", help="Rule file (default: the paper's values).")]
 
@@ -33,134 +38,215 @@ def list_attacks() -> None:
     console.print(table)
 
 
+def open_audit_log(path: Path) -> AuditLog:
+    """A hash-chained audit log for the monitor's decisions, signed by a key kept beside it."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from secmig.security.audit import AuditLog
+
+    key_path = path.with_suffix(".key")
+    if key_path.exists():
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ConfigError(f"{key_path}: not an Ed25519 key")
+    else:
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        key_path.write_bytes(pem)
+        key_path.chmod(0o600)
+    return AuditLog(path, key, "monitor")
+
+
+def monitor_event_rows(verdicts: list[Verdict]) -> list[tuple[float, str, str, str, str, str, str]]:
+    """The verdicts as rows of the results store's ``monitor_events`` table."""
+    return [
+        (v.t_s, v.vm, v.vswitch, v.rule, v.level.value, v.action.value, json.dumps(v.evidence, default=str))
+        for v in verdicts
+    ]
+
+
 @attack_app.command("run")
 def run_attacks(
-    name: Annotated[str, typer.Argument(help="An attack's name, or 'all'.")] = "all",
+    name: Annotated[str, typer.Argument(help="An attack's name (see `secmig attack list`), or 'all'.")] = "all",
     rules: RulesOption = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Also store each monitored run, its verdicts and an audit log here."),
+    ] = None,
 ) -> None:
-    """Run attacks and print, for each, whether it was stopped, by which rule, how fast, and what leaked."""
+    """Run attacks: stopped or not, by which rule, how fast, the pages that reached the attacker, the VM's fate."""
     from secmig.monitor.rules import load_rules
-    from secmig.sim.attacks import attack_names, false_alarm_rate, run_attack
+    from secmig.sim.attacks import attack_names, false_alarm_rate, run_attack_full
 
     ruleset = load_rules(rules)
-    names = [n for n, _, _ in attack_names()] if name == "all" else [name]
-    results = [run_attack(n, ruleset) for n in names]
+    known = [n for n, _, _ in attack_names()]
+    if name != "all" and name not in known:
+        raise ConfigError(f"unknown attack {name!r} (one of: all, {', '.join(known)})")
+    names = known if name == "all" else [name]
+    audit = None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        audit = open_audit_log(out / "audit.sqlite")
+    results = []
+    try:
+        for n in names:
+            result, run = run_attack_full(n, ruleset, audit)
+            results.append(result)
+            if out is not None and run is not None:
+                from secmig.results.store import save_monitor_events, save_run
+
+                path = out / "secmig.sqlite"
+                run_id = save_run(path, run.result, f"# attack scenario {n}\n")
+                save_monitor_events(path, run_id, monitor_event_rows(run.log.verdicts))
+    finally:
+        if audit is not None:
+            audit.close()
     table = Table(header_style="bold")
     for col in ("attack", "kind", "stopped", "by", "time to detect", "pages leaked", "VM's fate"):
-        table.add_column(col, no_wrap=col != "by")
+        table.add_column(col, no_wrap=col not in ("by", "VM's fate"))
     for r in results:
         stopped = "[green]yes[/]" if r.stopped else "[red]no[/]"
         if r.kind == "benign":
             stopped = "[green]no false alarm[/]" if r.stopped else f"[red]{r.false_alarms} false alarms[/]"
-        ttd = format_duration(r.time_to_detect_s) if r.time_to_detect_s is not None else "—"
         if r.kind == "authentication":
-            ttd = "at handshake"
-        table.add_row(r.name, r.kind, stopped, r.rule, ttd, f"{r.pages_leaked:,}", r.vm_fate)
+            ttd = "handshake"
+        elif r.time_to_detect_s is not None:
+            ttd = f"{r.time_to_detect_s:.1f} s"
+        else:
+            ttd = "—"
+        leaked = f"{r.pages_leaked:,}" if r.kind != "benign" else "—"
+        table.add_row(r.name, r.kind, stopped, r.rule, ttd, leaked, r.vm_fate)
     console.print(table)
+    for r in results:
+        if r.kind != "benign" and (r.pages_leaked or not r.stopped):
+            console.print(f"[dim]{r.name}: {r.detail}[/]", highlight=False)
     benign = [r for r in results if r.kind == "benign"]
     if benign:
         windows = sum(r.windows for r in benign)
         checks = sum(r.identity_checks for r in benign)
+        rate = false_alarm_rate(results)
         console.print(
-            f"benign: {false_alarm_rate(results):.2%} of {windows} VM-windows with a false alarm; "
-            f"{checks} identity checks triggered, all passed"
-            if all(r.stopped for r in benign)
-            else ""
+            f"benign: {sum(r.false_alarms for r in benign)} false alarms in {windows} VM-windows "
+            f"({0.0 if math.isnan(rate) else rate:.2%}); {checks} identity checks on honest VMs, "
+            + ("all passed" if all(r.stopped for r in benign) else "some failed"),
+            highlight=False,
         )
+    if out is not None:
+        with (out / "attacks.csv").open("w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(["attack", "kind", "stopped", "rule", "time_to_detect_s", "pages_leaked", "vm_fate", "detail"])
+            for r in results:
+                ttd = "" if r.time_to_detect_s is None else f"{r.time_to_detect_s:.2f}"
+                w.writerow([r.name, r.kind, r.stopped, r.rule, ttd, r.pages_leaked, r.vm_fate, r.detail])
+        console.print(f"written: {out / 'attacks.csv'}, {out / 'secmig.sqlite'}, {out / 'audit.sqlite'}")
+
+
+def _floats(option: str, text: str) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"{option}: {text!r} is not a comma-separated list of numbers") from None
+    if not values or any(v <= 0 for v in values):
+        raise ConfigError(f"{option}: {text!r}: give positive numbers")
+    return sorted(values)
 
 
 @attack_app.command("sweep")
 def sweep_attacks(
     out: Annotated[Path, typer.Option("--out", "-o")] = Path("secmig-out/attack-sweep"),
+    medium: Annotated[
+        str, typer.Option("--medium", help="MEDIUM thresholds to try (× preset rate), comma-separated.")
+    ] = "1.02,1.1,1.25,1.5,2,3,5,10,30",
+    high_ratio: Annotated[float, typer.Option("--high-ratio", help="HIGH threshold = this × MEDIUM.")] = 1.6,
+    rules: RulesOption = None,
 ) -> None:
     """Detection against false alarms as the rate thresholds move: a table, a CSV and a ROC-style plot."""
+    from secmig.monitor.rules import load_rules
     from secmig.sim.attacks import sweep
 
-    factors = [1.05, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0]
-    rows = sweep(factors)
+    if high_ratio <= 1:
+        raise ConfigError(f"--high-ratio: {high_ratio:g}: must be above 1 (HIGH is above MEDIUM)")
+    points = sweep(_floats("--medium", medium), high_ratio, load_rules(rules))
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "sweep.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    table = Table(header_style="bold")
-    for col in ("medium ×", "high ×", "attacks detected", "false alarms", "identity checks (benign)"):
+    fields = [
+        "medium",
+        "high",
+        "detected",
+        "detected_by_rate",
+        "mean_time_to_detect_s",
+        "false_alarm_rate",
+        "check_rate",
+    ]
+    with (out / "sweep.csv").open("w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(fields)
+        for p in points:
+            w.writerow([f"{getattr(p, k):.6g}" for k in fields])
+    table = Table(header_style="bold", title="Rate thresholds: detection attacks vs honest VMs")
+    for col in ("MEDIUM ×", "HIGH ×", "detected", "by the rate rule", "mean time to detect", "false alarms", "checks"):
         table.add_column(col, justify="right")
-    for r in rows:
+    for p in points:
         table.add_row(
-            f"{r['medium']:g}",
-            f"{r['high']:g}",
-            f"{r['detected']:.0%}",
-            f"{r['false_alarm_rate']:.2%}",
-            f"{r['identity_check_rate']:.2%}",
+            f"{p.medium:g}",
+            f"{p.high:g}",
+            f"{p.detected:.0%}",
+            f"{p.detected_by_rate:.0%}",
+            "—" if math.isnan(p.mean_time_to_detect_s) else f"{p.mean_time_to_detect_s:.1f} s",
+            f"{p.false_alarm_rate:.2%}",
+            f"{p.check_rate:.2%}",
         )
     console.print(table)
+    console.print(
+        "false alarms: benign VM-windows with a throttle, abort or destroy; checks: benign VM-windows that "
+        "triggered an identity check (it passed; its cost is the check).",
+        highlight=False,
+    )
+    _sweep_plot(points, out / "roc.png")
+    console.print(f"written: {out / 'sweep.csv'}, {out / 'roc.png'}")
+
+
+def _sweep_plot(points: Sequence[object], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
-    xs = [r["identity_check_rate"] * 100 for r in rows]
-    ys = [r["detected"] * 100 for r in rows]
-    ax.plot(xs, ys, "o-")
-    for r, x, y in zip(rows, xs, ys, strict=True):
-        ax.annotate(f"medium {r['medium']:g}×", (x, y), xytext=(4, -10), textcoords="offset points", fontsize=7)
-    ax.set_ylim(0, 105)
-    ax.set_xlim(left=0)
-    ax.set_xlabel("benign VM-windows that trigger an identity check (%)")
-    ax.set_ylabel("detection attacks detected (%)")
-    ax.set_title("Rate thresholds: detection vs checks on honest VMs", fontsize=10)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "roc.png")
-    plt.close(fig)
-    console.print(f"written: {out / 'sweep.csv'}, {out / 'roc.png'}")
+    from secmig.sim.attacks import SweepPoint
 
-
-@experiment_app.command("paper")
-def experiment_paper(
-    out: Annotated[Path, typer.Option("--out", "-o")] = Path("secmig-out/experiment-paper"),
-    rules: RulesOption = None,
-) -> None:
-    """Two datacenters, VMs moved while rates are monitored: Table 6.1 (CSV) and Chart 1 (PNG)."""
-    import json
-    from importlib import resources
-
-    from secmig.cli.report import write_run_report
-    from secmig.monitor.rules import load_rules
-    from secmig.results.store import save_monitor_events, save_run
-    from secmig.sim.experiment import run_paper_experiment, write_chart, write_table
-
-    run, rows = run_paper_experiment(load_rules(rules))
-    out.mkdir(parents=True, exist_ok=True)
-    write_table(rows, out / "table-6-1.csv")
-    write_chart(run, rows, out / "chart-1.png")
-    # The run and the monitor's verdicts go to the results database, and its report beside the table.
-    db = out / "secmig.sqlite"
-    text = resources.files("secmig.data").joinpath("experiment-paper.yaml").read_text(encoding="utf-8")
-    run_id = save_run(db, run.result, text)
-    save_monitor_events(
-        db,
-        run_id,
-        [
-            (v.t_s, v.vm, v.vswitch, v.rule, v.level.value, v.action.value, json.dumps(v.evidence, default=str))
-            for v in run.log.verdicts
-        ],
-    )
-    report = write_run_report(db, run_id, out)
-    table = Table(title="Table 6.1 — VMs moved between hypervisors, rates at the vSwitch", header_style="bold")
-    for col in ("VM", "move", "preset rate", "start", "completion", "actual rate", "verdict"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(
-            r.vm,
-            r.move,
-            f"{r.preset_bytes_per_s / 1e6:.0f} MB/s",
-            f"{r.start_s:.2f} s",
-            f"{r.completion_s:.2f} s",
-            f"{r.actual_bytes_per_s / 1e6:.1f} MB/s",
-            r.verdict,
+    pts = [p for p in points if isinstance(p, SweepPoint)]
+    fig, (roc, ttd) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
+    xs = [p.check_rate * 100 for p in pts]
+    for ys, label, style in (
+        ([p.detected * 100 for p in pts], "detected (any rule)", "o-"),
+        ([p.detected_by_rate * 100 for p in pts], "detected by the rate rule", "s--"),
+    ):
+        roc.plot(xs, ys, style, label=label)
+    for p, x in zip(pts, xs, strict=True):
+        roc.annotate(
+            f"{p.medium:g}×", (x, p.detected_by_rate * 100), xytext=(4, -11), textcoords="offset points", fontsize=7
         )
-    console.print(table)
-    console.print(f"written: {out / 'table-6-1.csv'}, {out / 'chart-1.png'}, {report} (run {run_id} in {db})")
+    fa = [p.false_alarm_rate * 100 for p in pts]
+    roc.set_xlim(left=0)
+    roc.set_ylim(0, 105)
+    roc.set_xlabel("honest VM-windows that trigger an identity check (%)")
+    roc.set_ylabel("detection attacks detected (%)")
+    roc.set_title(
+        "Detection vs checks on honest VMs as MEDIUM moves (labels)\n"
+        f"false alarms (wrongful actions): at most {max(fa, default=0):.2f} %",
+        fontsize=9,
+    )
+    roc.grid(alpha=0.3)
+    roc.legend(fontsize=8, loc="lower right")
+    ttd.plot([p.medium for p in pts], [p.mean_time_to_detect_s for p in pts], "o-", color="#d62728")
+    ttd.set_xscale("log")
+    ttd.set_xlabel("MEDIUM threshold (× preset rate; HIGH moves with it)")
+    ttd.set_ylabel("mean time to detect (s)")
+    ttd.set_title("How fast the detected attacks are caught", fontsize=9)
+    ttd.grid(alpha=0.3, which="both")
+    ttd.set_ylim(bottom=0)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,7 +1,8 @@
 """The rule table as data: a YAML file, the paper's values as defaults, validated with pydantic.
 
-A bad file gets one line naming the file, the rule and the field, e.g.
-``rules.yaml: rate.high: must be above rate.medium (got 1.2 ≤ 1.5)``.
+The bundled ``secmig/data/rules.yaml`` holds the paper's values; ``--rules FILE`` replaces it, and a
+missing field keeps its default. A bad file gets one line naming the file, the rule and the field, e.g.
+``rules.yaml: rate: high must be above medium (got 1.2 ≤ 1.5)`` or ``rules.yaml: rtt.max_peaks: …``.
 """
 
 from __future__ import annotations
@@ -34,15 +35,13 @@ class _Rule(BaseModel):
 
 
 class RateRule(_Rule):
-    """Rate over the window relative to the VM's preset transfer rate: LOW / MEDIUM / HIGH."""
+    """The VM's rate over the window relative to its preset transfer rate: LOW / MEDIUM / HIGH."""
 
     medium: float = Field(default=1.25, gt=0, description="rate ÷ preset at or above which a VM is MEDIUM")
     high: float = Field(default=2.0, gt=0, description="rate ÷ preset at or above which a VM is HIGH")
-    vswitch_high: float = Field(default=0.9, gt=0, le=1.0, description="vSwitch utilisation that is HIGH")
     low_action: Action = Action.CONTINUE
     medium_action: Action = Action.CHALLENGE
     high_action: Action = Action.CHALLENGE
-    on_failed_challenge: Action = Action.DESTROY
 
     @model_validator(mode="after")
     def _ordered(self) -> RateRule:
@@ -51,8 +50,16 @@ class RateRule(_Rule):
         return self
 
 
+class VSwitchRule(_Rule):
+    """A vSwitch busier than ``high`` of its capacity: the VMs on it sending above ``min_ratio`` × preset are HIGH."""
+
+    high: float = Field(default=0.9, gt=0, le=1.0, description="vSwitch utilisation that is HIGH")
+    min_ratio: float = Field(default=1.0, ge=0, description="rate ÷ preset from which a VM shares the blame")
+    action: Action = Action.CHALLENGE
+
+
 class RttRule(_Rule):
-    """More than ``max_peaks`` RTT peaks (RTT over ``peak_factor`` × the baseline) in a window: abnormal."""
+    """More than ``max_peaks`` RTT peaks (an RTT over ``peak_factor`` × the VM's baseline) in a window."""
 
     peak_factor: float = Field(default=3.0, gt=1)
     max_peaks: int = Field(default=5, ge=0)
@@ -60,28 +67,46 @@ class RttRule(_Rule):
 
 
 class DataRule(_Rule):
-    """A VM that moved more than ``factor`` × its RAM: force the stop and check its identity."""
+    """A VM whose memory stream moved more than ``factor`` × its RAM: force the stop and check its identity."""
 
     factor: float = Field(default=3.0, gt=0)
     action: Action = Action.ABORT
 
 
 class DowntimeRule(_Rule):
-    """A stop-and-copy whose downtime exceeds the threshold: destroy the VM, abort the migration."""
+    """A VM paused for its stop-and-copy longer than ``threshold``: destroy it and abort the migration."""
 
-    threshold: Duration = 2.0
+    threshold: Duration = Field(default=2.0, gt=0)
     action: Action = Action.DESTROY
 
 
 class RuleSet(BaseModel):
-    """Every rule, and the window the rates are measured over."""
+    """Every rule, the window the rates are measured over, and what a failed identity check leads to."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     window: Duration = Field(default=1.0, gt=0)
+    step: Duration | None = Field(default=None, gt=0, description="how often the window slides (window ÷ 10)")
+    recheck: Duration = Field(default=1.0, ge=0, description="a VM that passed a check is not re-checked sooner")
+    on_failed_challenge: Action = Action.DESTROY
+    throttle_to: float = Field(default=1.0, gt=0, description="a throttled VM is capped at this × its preset rate")
     rate: RateRule = RateRule()
+    vswitch: VSwitchRule = VSwitchRule()
     rtt: RttRule = RttRule()
     data: DataRule = DataRule()
     downtime: DowntimeRule = DowntimeRule()
+
+    @model_validator(mode="after")
+    def _step_fits(self) -> RuleSet:
+        if self.step is not None and self.step > self.window:
+            raise ValueError(f"step must not exceed window (got {self.step} > {self.window})")
+        if self.on_failed_challenge is Action.CHALLENGE:
+            raise ValueError("on_failed_challenge cannot be challenge again")
+        return self
+
+    @property
+    def step_s(self) -> float:
+        """Seconds between two evaluations of the sliding window."""
+        return self.step if self.step is not None else self.window / 10
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -89,6 +114,7 @@ def _loc(loc: tuple[int | str, ...]) -> str:
 
 
 def parse_rules(data: Any, source: str) -> RuleSet:
+    """A rule set from parsed YAML; ``source`` names the file in error messages."""
     if data is None:
         return RuleSet()
     if not isinstance(data, dict):
@@ -102,8 +128,7 @@ def parse_rules(data: Any, source: str) -> RuleSet:
             msg = "unknown field"
         elif err["type"] == "enum":
             msg = f"{err['input']!r} is not an action ({', '.join(a.value for a in Action)})"
-        return_loc = _loc(tuple(err["loc"]))
-        raise ConfigError(f"{source}: {return_loc}: {msg}") from None
+        raise ConfigError(f"{source}: {_loc(tuple(err['loc']))}: {msg}") from None
 
 
 def load_rules(path: str | Path | None = None) -> RuleSet:

@@ -18,6 +18,7 @@ aborted or destroyed something that was authorized. Identity checks that pass ar
 from __future__ import annotations
 
 import math
+import random
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,10 +31,11 @@ import yaml
 from secmig.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from secmig.monitor.rules import RuleSet
 from secmig.monitor.samples import Action, Verdict
-from secmig.security.audit import MemoryAuditSink
+from secmig.security.audit import AuditSink, Detail, MemoryAuditSink
 from secmig.security.cluster import Cluster
 from secmig.security.events import (
     Commit,
+    Committed,
     ConnectionClosed,
     DeviceState,
     MigrationRequest,
@@ -87,6 +89,27 @@ class _Lab:
     audit: MemoryAuditSink = field(default_factory=lambda: MemoryAuditSink("destination"))
 
 
+@dataclass(frozen=True, slots=True)
+class Transcript:
+    """What one in-memory migration attempt let through, measured from the two ends and the wire."""
+
+    memory: bytes
+    page_bytes_released: int
+    """Page bytes the source handed to its end of the channel (after authentication and authorization)."""
+    page_bytes_delivered: int
+    """Page bytes the destination end decoded and accepted."""
+    pages_on_wire_in_clear: int
+    """Source pages whose contents can be read on the wire (a 64-byte slice of each is searched for)."""
+    pages_altered_accepted: int
+    """Pages the destination accepted whose contents differ from the source's."""
+    committed: bool
+    wire: bytes
+
+
+def _pages_in_clear(memory: bytes, wire: bytes, pages: int) -> int:
+    return sum(1 for n in range(pages) if memory[n * PAGE + 1000 : n * PAGE + 1064] in wire)
+
+
 def _migrate_in_memory(
     lab: _Lab,
     *,
@@ -99,25 +122,27 @@ def _migrate_in_memory(
     binding: Any,
     tamper: Tamper | None = None,
     pages: int = 64,
-) -> tuple[int, ConnectionPair]:
-    """Try a whole pre-copy; return the page bytes the destination end received, and the pair."""
-    memory = bytearray((i * 7 + 1) % 256 for i in range(pages * PAGE))
+    seed: int = 1,
+) -> Transcript:
+    """Try a whole pre-copy of ``pages`` random pages and measure what crossed."""
+    memory = random.Random(seed).randbytes(pages * PAGE)  # every page distinct: a leak is findable on the wire
     request = MigrationRequest(operation, "vm-1", PAGE, pages, grant, binding)
     source = MigrationConnection.source(src_identity, trust_src, request, audit=MemoryAuditSink("source"))
     destination = MigrationConnection.destination(
         dst_identity, trust_dst, nonces=lab.nonces, bindings=lab.bindings, audit=lab.audit
     )
     pair = ConnectionPair(source, destination, tamper=tamper)
-    received = 0
+    received: dict[int, bytes] = {}
 
     def pump() -> None:
-        nonlocal received
         for ev in pair.pump():
             if isinstance(ev, PageBatch):
-                received += len(ev.data)
+                data = bytes(ev.data)
+                for i, n in enumerate(ev.page_numbers):
+                    received[n] = data[i * PAGE : (i + 1) * PAGE]
 
-    pump()
     try:
+        pump()
         pair.send(Role.SOURCE, RoundStart(0))
         for k in range(0, pages, 16):
             chunk = tuple(range(k, min(k + 16, pages)))
@@ -129,20 +154,38 @@ def _migrate_in_memory(
         pair.send(Role.SOURCE, DeviceState(b"cpu"))
         pair.send(Role.SOURCE, Commit(memory_digest(memory, PAGE)))
         pump()
+        if any(isinstance(e, Commit) for e in pair.events[Role.DESTINATION]):
+            # The destination's digest of what it accepted matched the source's: it takes the VM over.
+            pair.send(Role.DESTINATION, Committed())
+            pump()
     except LocalProtocolError:
         pass  # the source's state machine refuses to send pages before AUTHORIZED: what we test
     except RemoteProtocolError:
         pass  # an end saw altered or out-of-order bytes and dropped the connection
-    return received, pair
+    wire = b"".join(pair.wire[Role.SOURCE]) + b"".join(pair.wire[Role.DESTINATION])
+    altered = sum(1 for n, d in received.items() if d != memory[n * PAGE : (n + 1) * PAGE])
+    return Transcript(
+        memory,
+        source.page_bytes_sent,
+        destination.page_bytes_received,
+        _pages_in_clear(memory, wire, pages),
+        altered,
+        destination.state.name == "DONE",
+        wire,
+    )
 
 
-def _auth_attack(name: str, detail: str, run: Callable[[_Lab, Cluster, Path], tuple[int, str]]) -> AttackResult:
+AuthRun = Callable[[_Lab, Cluster, Path], tuple[int, str, str]]
+"""An authentication attack: (pages that reached the attacker, what stopped it, how it was measured)."""
+
+
+def _auth_attack(name: str, detail: str, run: AuthRun) -> AttackResult:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cluster = new_cluster(root / "cluster", ["hv-a", "hv-b", "hv-revoked"], revoked=["hv-revoked"])
         lab = _Lab(cluster)
-        leaked, why = run(lab, cluster, root)
-        refused = [r for r in lab.audit.records if r.decision not in ("allow", "accept", "ok", "success")]
+        leaked, why, measured = run(lab, cluster, root)
+        refusals = [r for r in lab.audit.records if r.decision not in ("allow", "allowed", "accept", "ok", "success")]
         stopped = leaked == 0
         return AttackResult(
             name,
@@ -150,13 +193,13 @@ def _auth_attack(name: str, detail: str, run: Callable[[_Lab, Cluster, Path], tu
             stopped,
             why,
             0.0 if stopped else None,
-            leaked // PAGE,
+            leaked,
             "stays on its source" if stopped else "copied",
-            detail + (f" ({len(refused)} refusals audited)" if refused else ""),
+            f"{detail}; {measured}; {len(refusals)} refusal(s) in the destination's audit log",
         )
 
 
-def _legit(lab: _Lab, cluster: Cluster, dst: str = "hv-b", operation: Operation = Operation.MIGRATE) -> dict[str, Any]:
+def _legit(cluster: Cluster, dst: str = "hv-b", operation: Operation = Operation.MIGRATE) -> dict[str, Any]:
     binding = cluster.issue_binding("vm-1", "52:54:00:00:00:01", "hv-a", 0)
     grant = cluster.issue_grant(operation, "vm-1", "hv-a", dst, current_binding=binding)
     trust = cluster.trust()
@@ -170,25 +213,36 @@ def _legit(lab: _Lab, cluster: Cluster, dst: str = "hv-b", operation: Operation 
     }
 
 
-def _rogue(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
+def _endpoint_leak(t: Transcript) -> tuple[int, str]:
+    """The attacker is the destination end: it gets what the source released, and what the wire shows."""
+    pages = max(t.page_bytes_released // PAGE, t.page_bytes_delivered // PAGE, t.pages_on_wire_in_clear)
+    return pages, (
+        f"measured: source released {t.page_bytes_released} page bytes, destination decoded "
+        f"{t.page_bytes_delivered}, {t.pages_on_wire_in_clear} pages readable on the wire"
+    )
+
+
+def _rogue(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
     other = new_cluster(root / "other", ["hv-x"])
-    kw = _legit(lab, cluster)
+    kw = _legit(cluster)
     kw["grant"] = cluster.issue_grant(Operation.MIGRATE, "vm-1", "hv-a", "hv-x", current_binding=kw["binding"])
-    got, _ = _migrate_in_memory(lab, dst_identity=other.host_identity("hv-x"), **{**kw, "trust_dst": other.trust()})
-    return got, "TLS: peer certificate not from this cluster's CA"
+    t = _migrate_in_memory(lab, dst_identity=other.host_identity("hv-x"), **{**kw, "trust_dst": other.trust()})
+    pages, how = _endpoint_leak(t)
+    return pages, "TLS 1.3: its certificate is not from this cluster's CA", how
 
 
-def _revoked(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
-    kw = _legit(lab, cluster, dst="hv-revoked")
-    got, _ = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-revoked"), **kw)
-    return got, "revocation list"
+def _revoked(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
+    kw = _legit(cluster, dst="hv-revoked")
+    t = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-revoked"), **kw)
+    pages, how = _endpoint_leak(t)
+    return pages, "revocation list, checked at the handshake", how
 
 
-def _mitm(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
+def _mitm(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
     seen = {"bytes": 0}
 
     def flip(role: Role, data: bytes) -> bytes:
-        # The attacker on the wire sees TLS records only; it alters one byte of every later record.
+        # On the wire the attacker sees TLS records; once the handshake is over it flips a byte of each.
         seen["bytes"] += len(data)
         if role is Role.SOURCE and seen["bytes"] > 8000 and data:
             b = bytearray(data)
@@ -196,16 +250,18 @@ def _mitm(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
             return bytes(b)
         return data
 
-    kw = _legit(lab, cluster)
-    got, pair = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-b"), tamper=flip, **kw)
-    # Pages reach the attacker only as TLS ciphertext; what the destination accepted stops at the
-    # first altered record (TLS's AEAD tag), so the migration aborts and the VM stays on its source.
-    committed = pair.destination.state.name == "COMMITTED"
-    return (0 if not committed else got), "TLS record integrity (AEAD), then abort"
+    t = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-b"), tamper=flip, **_legit(cluster))
+    # What the attacker reads: pages in the clear on the wire. What it achieves: altered pages accepted.
+    pages = t.pages_on_wire_in_clear + t.pages_altered_accepted
+    how = (
+        f"measured: {t.pages_on_wire_in_clear} pages readable on the wire, {t.pages_altered_accepted} altered "
+        f"pages accepted, destination {'committed' if t.committed else 'aborted'}"
+    )
+    return pages, "TLS record integrity (AEAD): the first altered record ends the session", how
 
 
-def _replay(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
-    kw = _legit(lab, cluster)
+def _replay(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
+    kw = _legit(cluster)
     recorded: list[bytes] = []
 
     def record(role: Role, data: bytes) -> bytes:
@@ -214,7 +270,7 @@ def _replay(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
         return data
 
     _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-b"), tamper=record, **kw)
-    # Replay the recorded source bytes, as they were, to a fresh destination end of the same host.
+    # 1. The recorded source bytes, as they were, to a fresh destination end of the same host.
     destination = MigrationConnection.destination(
         cluster.host_identity("hv-b"), cluster.trust(), nonces=lab.nonces, bindings=lab.bindings, audit=lab.audit
     )
@@ -229,24 +285,32 @@ def _replay(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
                 break
     except RemoteProtocolError:
         pass  # the replay does not fit this session's fresh TLS keys: the destination drops it
-    return got, "fresh TLS session keys (and a single-use grant nonce)"
+    # 2. The old grant, replayed by a member in a new session: its nonce was used up by the first one.
+    again = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-b"), **kw)
+    pages = got // PAGE + again.page_bytes_delivered // PAGE
+    how = (
+        f"measured: replayed bytes gave {got} page bytes, the replayed grant {again.page_bytes_delivered} "
+        f"(source released {again.page_bytes_released})"
+    )
+    return pages, "fresh TLS session keys; the grant's single-use nonce", how
 
 
-def _no_grant(operation: Operation) -> Callable[[_Lab, Cluster, Path], tuple[int, str]]:
-    def run(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str]:
-        kw = _legit(lab, cluster, operation=operation)
+def _no_grant(operation: Operation) -> AuthRun:
+    def run(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
+        kw = _legit(cluster, operation=operation)
         kw["grant"] = None
-        got, _ = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-b"), **kw)
-        return got, "grant check"
+        t = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-b"), **kw)
+        pages, how = _endpoint_leak(t)
+        return pages, f"authorization: a {operation.value} needs a grant", how
 
     return run
 
 
-AUTH_ATTACKS: dict[str, tuple[str, Callable[[_Lab, Cluster, Path], tuple[int, str]]]] = {
+AUTH_ATTACKS: dict[str, tuple[str, AuthRun]] = {
     "rogue-hypervisor": ("a hypervisor outside the cluster asks for the VM", _rogue),
     "revoked-hypervisor": ("a revoked member asks for the VM", _revoked),
     "mitm-page-tamper": ("a man in the middle alters page bytes on the wire", _mitm),
-    "replay-old-migration": ("a recorded session's bytes are replayed to the destination", _replay),
+    "replay-old-migration": ("a recorded session, then its used grant, replayed to the destination", _replay),
     "unauthorized-clone": ("an insider clones the VM with no grant", _no_grant(Operation.CLONE)),
     "unauthorized-copy": ("an insider copies the VM with no grant", _no_grant(Operation.COPY)),
     "unauthorized-template": ("an insider makes a template of the VM with no grant", _no_grant(Operation.TEMPLATE)),
@@ -271,32 +335,50 @@ class ScenarioRun:
     target: str | None
     start_s: float
     description: str
+    members: frozenset[str]
     sim: Simulation
     log: MonitorLog
     security: SimSecurity
     result: RunResult
+    rules: RuleSet
+    audit: MemoryAuditSink
 
 
-def run_scenario(path: Path, rules: RuleSet) -> ScenarioRun:
+def run_scenario(path: Path, rules: RuleSet, audit: AuditSink | None = None) -> ScenarioRun:
+    """Run an attack scenario with the monitor attached.
+
+    The ``attack:`` block says what the run is (``kind``: detection, benign, experiment), who the
+    adversary's ``target`` VM is and when it starts, which hosts are on the network but ``outside`` the
+    cluster (no Vsignature), and which scheduled migrations are ``ungranted``; every other migration gets
+    a real grant. The monitor is told none of it.
+    """
     data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(data, dict) or "attack" not in data:
+    if not isinstance(data, dict) or not isinstance(data.get("attack"), dict):
         raise ConfigError(f"{path.name}: an attack scenario needs an 'attack:' block")
     block = data.pop("attack")
-    members = block.get("members")
     spec = build_spec(parse_scenario(data, path.name), path.name, path.parent)
+    hosts = [h.name for h in spec.infra.hosts]
+    outside = [str(h) for h in block.get("outside", [])]
+    ungranted = {str(v) for v in block.get("ungranted", [])}
+    for h in outside:
+        if h not in hosts:
+            raise ConfigError(f"{path.name}: attack.outside: unknown host {h!r}")
+    members = [h for h in hosts if h not in outside]
+    memory_audit = MemoryAuditSink("monitor")
     with tempfile.TemporaryDirectory() as tmp:
-        hosts = [h.name for h in spec.infra.hosts]
-        cluster = new_cluster(Path(tmp) / "cluster", members if members is not None else hosts)
+        cluster = new_cluster(Path(tmp) / "cluster", members)
         security = SimSecurity(cluster)
         for vm in spec.vms:
             security.bindings[vm.name] = cluster.issue_binding(vm.name, vm.mac, vm.host, 0)
-        for m in spec.migrations:  # every scheduled migration is authorized: a grant is issued for it
+        for m in spec.migrations:
+            if m.vm in ungranted:
+                continue
             src = next(v.host for v in spec.vms if v.name == m.vm)
             security.grants[(m.vm, src, m.destination)] = cluster.issue_grant(
                 Operation.MIGRATE, m.vm, src, m.destination, current_binding=security.bindings[m.vm], ttl_s=3600
             )
         sim = Simulation(spec)
-        log = attach_monitor(sim, rules, security, until_s=spec.until_s)
+        log = attach_monitor(sim, rules, security, audit=_Tee(memory_audit, audit), until_s=spec.until_s)
         result = sim.run()
     return ScenarioRun(
         path.stem,
@@ -304,18 +386,42 @@ def run_scenario(path: Path, rules: RuleSet) -> ScenarioRun:
         block.get("target"),
         float(block.get("start_s", 0.0)),
         str(block.get("description", "")),
+        frozenset(members),
         sim,
         log,
         security,
         result,
+        rules,
+        memory_audit,
     )
+
+
+class _Tee:
+    """One audit record to two sinks (the run's memory, and a persistent log if one was given)."""
+
+    def __init__(self, first: AuditSink, second: AuditSink | None) -> None:
+        self.sinks = [first] if second is None else [first, second]
+
+    def record(self, event: str, decision: str, subject: str, detail: Detail | None = None) -> None:
+        for sink in self.sinks:
+            sink.record(event, decision, subject, detail)
+
+
+def bytes_to_outsiders(run: ScenarioRun, vm: str) -> float:
+    """Bytes of ``vm``'s flows that reached a host outside the cluster (finished, cut, or still going)."""
+    done = sum(f.bytes for f in run.sim.flows if f.vm == vm and f.dst_host not in run.members)
+    cut = sum(b for (v, dst), b in run.log.leaked.items() if v == vm and dst not in run.members)
+    return done + cut
 
 
 def _score(run: ScenarioRun) -> AttackResult:
     sim, log = run.sim, run.log
     checks = sum(1 for v in log.verdicts if "challenge" in v.evidence)
+    windows = round(log.vm_seconds / run.rules.window)
     if run.kind == "benign":
         wrong = [v for v in log.verdicts if v.action is not Action.CONTINUE]
+        # A VM-window with a wrongful throttle, abort or destroy counts once, however many rules fired.
+        alarms = len({(v.vm, math.floor(v.t_s / run.rules.window)) for v in wrong})
         return AttackResult(
             run.name,
             "benign",
@@ -324,42 +430,62 @@ def _score(run: ScenarioRun) -> AttackResult:
             None,
             0,
             "all running" if not sim.destroyed else f"destroyed: {', '.join(sim.destroyed)}",
-            run.description,
-            log.windows,
-            len(wrong),
+            f"{run.description}; {checks} identity checks, all passed" if not wrong else run.description,
+            windows,
+            alarms,
             checks,
         )
     target = run.target or ""
     hits = [v for v in log.verdicts if v.vm == target and v.action is not Action.CONTINUE]
     first: Verdict | None = hits[0] if hits else None
-    exfil = [t for t in sim.spec.traffic if t.kind == "exfil" and t.src_vm == target]
-    leaked = sum(f.bytes for f in sim.flows if f.kind == "exfil" and f.vm == target)
-    fate = "destroyed" if target in sim.destroyed else f"running on {sim.location.get(target, '?')}"
+    leaked = bytes_to_outsiders(run, target)
+    if target in sim.destroyed:
+        fate = "destroyed"
+    elif first is not None and first.action is Action.THROTTLE:
+        fate = f"throttled on {sim.location.get(target, '?')}"
+    else:
+        fate = f"running on {sim.location.get(target, '?')}"
+    detail = run.description
+    if first is not None:
+        detail += f"; {first.rule} {first.level.value} → check {first.evidence.get('challenge', '—')} → {first.action}"
+    else:
+        preset = sim.vms[target].transfer_rate_bytes_per_s or 0.0
+        rate = leaked / max(float(sim.env.now) - run.start_s, 1e-9)
+        if rate > 0 and preset > 0:
+            detail += f"; it leaked {rate / 1e6:.1f} MB/s on average, {rate / preset:.0%} of its preset rate"
     return AttackResult(
         run.name,
         "detection",
         first is not None,
         first.rule if first else "—",
         (first.t_s - run.start_s) if first else None,
-        int(leaked // PAGE) if exfil else 0,
+        int(leaked // PAGE),
         fate,
-        run.description,
-        log.windows,
+        detail,
+        windows,
         0,
         checks,
     )
 
 
-def run_attack(name: str, rules: RuleSet | None = None) -> AttackResult:
+def run_attack(name: str, rules: RuleSet | None = None, audit: AuditSink | None = None) -> AttackResult:
     """Run one attack (or benign scenario) by name."""
+    return run_attack_full(name, rules, audit)[0]
+
+
+def run_attack_full(
+    name: str, rules: RuleSet | None = None, audit: AuditSink | None = None
+) -> tuple[AttackResult, ScenarioRun | None]:
+    """Run one attack by name; with its monitored simulation when it is a scenario."""
     rules = rules or RuleSet()
     if name in AUTH_ATTACKS:
         detail, fn = AUTH_ATTACKS[name]
-        return _auth_attack(name, detail, fn)
+        return _auth_attack(name, detail, fn), None
     files = scenario_files()
     if name not in files:
         raise ConfigError(f"unknown attack {name!r} (see `secmig attack list`)")
-    return _score(run_scenario(files[name], rules))
+    run = run_scenario(files[name], rules, audit)
+    return _score(run), run
 
 
 def attack_names() -> list[tuple[str, str, str]]:
@@ -372,36 +498,67 @@ def attack_names() -> list[tuple[str, str, str]]:
 
 
 def false_alarm_rate(results: list[AttackResult]) -> float:
-    """Wrongful actions per VM-window over the benign runs."""
+    """VM-windows with a wrongful throttle, abort or destroy, over all VM-windows of the benign runs."""
     windows = sum(r.windows for r in results if r.kind == "benign")
     alarms = sum(r.false_alarms for r in results if r.kind == "benign")
     return alarms / windows if windows else math.nan
 
 
-def sweep(factors: list[float]) -> list[dict[str, float]]:
-    """Detection and false alarms of the scenario suite as the rate thresholds move (high = 1.6 × medium)."""
-    rows = []
+@dataclass(frozen=True, slots=True)
+class SweepPoint:
+    """The scenario suite under one rate threshold."""
+
+    medium: float
+    high: float
+    detected: float
+    """Share of the detection attacks detected."""
+    detected_by_rate: float
+    """Share detected by the rate rule itself (the threshold under test)."""
+    mean_time_to_detect_s: float
+    false_alarm_rate: float
+    """Benign VM-windows with a wrongful action."""
+    check_rate: float
+    """Benign VM-windows that triggered an identity check (which passed): the cost of a low threshold."""
+
+
+def sweep(mediums: list[float], high_over_medium: float = 1.6, base: RuleSet | None = None) -> list[SweepPoint]:
+    """Detection and false alarms of the scenario suite as the rate thresholds move together."""
+    base = base or RuleSet()
     names = [n for n, k, _ in attack_names() if k in ("detection", "benign")]
-    for f in factors:
-        rules = RuleSet(rate=replace_rate(RuleSet().rate, medium=f, high=1.6 * f))
+    points = []
+    for m in mediums:
+        rules = base.model_copy(
+            update={"rate": base.rate.model_copy(update={"medium": m, "high": high_over_medium * m})}
+        )
         results = [run_attack(n, rules) for n in names]
         det = [r for r in results if r.kind == "detection"]
         ben = [r for r in results if r.kind == "benign"]
         windows = sum(r.windows for r in ben) or 1
-        rows.append(
-            {
-                "medium": f,
-                "high": 1.6 * f,
-                "detected": sum(r.stopped for r in det) / max(len(det), 1),
-                "false_alarm_rate": sum(r.false_alarms for r in ben) / windows,
-                "identity_check_rate": sum(r.identity_checks for r in ben) / windows,
-            }
+        ttds = [r.time_to_detect_s for r in det if r.time_to_detect_s is not None]
+        points.append(
+            SweepPoint(
+                m,
+                high_over_medium * m,
+                sum(r.stopped for r in det) / max(len(det), 1),
+                sum(r.rule == "rate" for r in det) / max(len(det), 1),
+                sum(ttds) / len(ttds) if ttds else math.nan,
+                sum(r.false_alarms for r in ben) / windows,
+                sum(r.identity_checks for r in ben) / windows,
+            )
         )
-    return rows
+    return points
 
 
-def replace_rate(rate: Any, **kw: float) -> Any:
-    return rate.model_copy(update=kw)
-
-
-__all__ = ["AttackResult", "attack_names", "false_alarm_rate", "run_attack", "sweep"]
+__all__ = [
+    "AUTH_ATTACKS",
+    "AttackResult",
+    "ScenarioRun",
+    "SweepPoint",
+    "attack_names",
+    "false_alarm_rate",
+    "run_attack",
+    "run_attack_full",
+    "run_scenario",
+    "scenario_files",
+    "sweep",
+]

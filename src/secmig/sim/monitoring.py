@@ -1,31 +1,36 @@
 """The monitor inside a simulation: samples from the network's byte counters, actions on the simulation.
 
-Every tick (a tenth of the monitor's window) each VM's byte counter and its vSwitch's load become a
-:class:`~secmig.monitor.TrafficSample`; the RTT a VM sees is modelled from its vSwitch's utilisation
-(an M/M/1 queue: base ÷ (1 − u)). Every window the monitor judges, and its verdicts are carried out
-through :class:`SimResponder`, whose identity check is the security core's real one.
+Every ``rules.step_s`` each VM's byte counters become :class:`~secmig.monitor.TrafficSample` s — its own
+traffic and, apart, its migration stream (``memory=True``) — with the RTT it sees, modelled from its
+vSwitch's utilisation as an M/M/1 queue (base ÷ (1 − u)), and how long it has been paused for a
+stop-and-copy. An :class:`~secmig.monitor.Enforcer` judges the sliding window and carries its verdicts
+out through :class:`SimResponder`, whose identity check is the security core's real one: a flow of
+the VM is explained when it is the VM's own migration under a valid grant to a current member, or it
+goes to a host that proves cluster membership with its Vsignature; and the VM itself must be where its
+signed location binding says. What the scenario intends (its ``kind: exfil``) is never looked at.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import simpy
 
 from secmig.errors import ConfigError, SecurityError
 from secmig.migration.result import MigrationResult
-from secmig.monitor.actions import carry_out
+from secmig.monitor.actions import Enforcer
 from secmig.monitor.monitor import TrafficMonitor, VMProfile
 from secmig.monitor.rules import RuleSet
-from secmig.monitor.samples import Action, TrafficSample, Verdict
+from secmig.monitor.samples import TrafficSample, Verdict
 from secmig.security.audit import AuditSink, MemoryAuditSink
 from secmig.security.cluster import Cluster
 from secmig.security.credentials import LocationBinding
 from secmig.security.grants import Grant, check_grant
 from secmig.security.location import verify_location
 from secmig.security.policy import Operation
-from secmig.sim.engine import Simulation, TrafficSpec
+from secmig.sim.engine import Simulation
 
 BASE_RTT_S = 0.0002
 
@@ -38,25 +43,31 @@ class SimSecurity:
     bindings: dict[str, LocationBinding] = field(default_factory=dict)
     grants: dict[tuple[str, str, str], Grant] = field(default_factory=dict)
 
+    def check_member(self, host: str) -> tuple[bool, str]:
+        """Does ``host`` hold a current, unrevoked Vsignature of this cluster?"""
+        try:
+            self.cluster.trust().check_member(self.cluster.host_identity(host).vsignature, time.time())
+        except (SecurityError, ConfigError) as err:
+            return False, f"{host}: {err}"
+        return True, f"{host}'s Vsignature verifies"
+
     def check_move(self, vm: str, src: str, dst: str) -> tuple[bool, str]:
         """Is moving ``vm`` from ``src`` to ``dst`` covered by a grant to a current cluster member?"""
-        trust = self.cluster.trust()
-        now = time.time()
         try:
             check_grant(
                 self.grants.get((vm, src, dst)),
-                trust.roots(),
-                now=now,
+                self.cluster.trust().roots(),
+                now=time.time(),
                 operation=Operation.MIGRATE,
                 vm_id=vm,
                 source_host=src,
                 destination_host=dst,
                 current_binding=self.bindings.get(vm),
             )
-            trust.check_member(self.cluster.host_identity(dst).vsignature, now)
         except (SecurityError, ConfigError) as err:
-            return False, str(err) or f"host {dst!r} is not a member of this cluster"
-        return True, f"grant for {vm} {src}→{dst} and {dst}'s Vsignature verify"
+            return False, f"migration {src}→{dst}: {err}"
+        ok, why = self.check_member(dst)
+        return ok, f"grant for {vm} {src}→{dst} verifies; {why}" if ok else why
 
     def moved(self, vm: str, src: str, dst: str) -> None:
         """A granted move completed: the grant's next binding becomes the VM's binding."""
@@ -65,44 +76,11 @@ class SimSecurity:
             self.bindings[vm] = grant.next_binding
 
     def check_location(self, vm: str, mac: str, host: str) -> tuple[bool, str]:
+        """Is the VM where its signed location binding says?"""
         verdict = verify_location(
             self.bindings.get(vm), self.cluster.trust().roots(), vm_id=vm, vm_mac=mac, host_id=host
         )
-        return verdict.ok, verdict.reason
-
-
-class SimResponder:
-    """Carries out the monitor's verdicts on a running simulation."""
-
-    def __init__(self, sim: Simulation, security: SimSecurity) -> None:
-        self.sim = sim
-        self.security = security
-
-    def _unauthorized(self, vm: str, now_s: float) -> TrafficSpec | None:
-        for t in self.sim.spec.traffic:
-            if t.kind == "exfil" and t.src_vm == vm and t.start_s <= now_s <= t.start_s + t.duration_s + 1:
-                return t
-        return None
-
-    def challenge(self, vm: str, now_s: float) -> tuple[bool, str]:
-        host = self.sim.location[vm]
-        exfil = self._unauthorized(vm, now_s)
-        if exfil is not None:
-            dst = self.sim.location.get(exfil.dst, exfil.dst)
-            return self.security.check_move(vm, host, dst)
-        moving = self.sim.migrating(vm)
-        if moving is not None:
-            return self.security.check_move(vm, *moving)
-        return self.security.check_location(vm, self.sim.vms[vm].mac, host)
-
-    def throttle(self, vm: str, now_s: float) -> None:  # the simulator has no per-VM throttle yet
-        return None
-
-    def abort_migration(self, vm: str, now_s: float, reason: str) -> None:
-        self.sim.abort_migration(vm, reason)
-
-    def destroy(self, vm: str, now_s: float, reason: str) -> None:
-        self.sim.destroy(vm, reason)
+        return verdict.ok, f"location binding: {verdict.reason}"
 
 
 @dataclass
@@ -110,8 +88,73 @@ class MonitorLog:
     """What the monitor saw and did during a run."""
 
     verdicts: list[Verdict] = field(default_factory=list)
+    """Every verdict acted on, as it ended (passed checks included)."""
     rates: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
-    windows: int = 0
+    """Per VM: (t, bytes/s over the last step) — the samples, for plots."""
+    window_rates: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    """Per VM: (t, bytes/s over the sliding window) — what the rate rule judged."""
+    vswitch_rates: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
+    vm_seconds: float = 0.0
+    """Seconds of VM life the monitor watched (a VM-window is ``window`` of them)."""
+    leaked: dict[tuple[str, str], float] = field(default_factory=dict)
+    """Bytes of migration streams cut by the monitor, by (VM, destination host): they did cross."""
+
+
+class SimResponder:
+    """Carries out the monitor's verdicts on a running simulation."""
+
+    def __init__(self, sim: Simulation, security: SimSecurity, log: MonitorLog) -> None:
+        self.sim = sim
+        self.security = security
+        self.log = log
+
+    def _flows(self, vm: str) -> list[tuple[str, str, str]]:
+        tags = []
+        for account in (self.sim.account[vm], self.sim.memory_account[vm]):
+            for flow in self.sim.net.flows_of(account):
+                if isinstance(flow.tag, tuple) and len(flow.tag) == 3:
+                    tags.append((str(flow.tag[0]), str(flow.tag[1]), str(flow.tag[2])))
+        return sorted(set(tags))
+
+    def challenge(self, vm: str, now_s: float) -> tuple[bool, str]:
+        """The identity check, from what the VM is doing now, never from what the scenario intends."""
+        whys = []
+        moving = self.sim.migrating(vm)
+        if moving is not None:
+            ok, why = self.security.check_move(vm, *moving)
+            if not ok:
+                return False, why
+            whys.append(why)
+        else:
+            ok, why = self.security.check_location(vm, self.sim.vms[vm].mac, self.sim.location[vm])
+            if not ok:
+                return False, why
+            whys.append(why)
+        for kind, _src, dst in self._flows(vm):
+            if kind == "migration":
+                continue  # checked above with its grant
+            ok, why = self.security.check_member(dst)
+            if not ok:
+                return False, f"traffic to a host outside the cluster: {why}"
+        whys.append("every destination is a cluster member")
+        return True, "; ".join(whys)
+
+    def throttle(self, vm: str, now_s: float, rate_bytes_per_s: float) -> None:
+        """Cap the VM's flows in the network."""
+        self.sim.throttle(vm, rate_bytes_per_s)
+
+    def abort_migration(self, vm: str, now_s: float, reason: str) -> None:
+        """Cut the VM's migration stream (counting what had crossed) and leave the VM on its source."""
+        for flow in self.sim.net.flows_of(self.sim.memory_account[vm]):
+            left = self.sim.net.cancel(flow)
+            if isinstance(flow.tag, tuple):
+                key = (vm, str(flow.tag[2]))
+                self.log.leaked[key] = self.log.leaked.get(key, 0.0) + flow.size_bytes - left
+        self.sim.abort_migration(vm, reason)
+
+    def destroy(self, vm: str, now_s: float, reason: str) -> None:
+        """The self-destruct."""
+        self.sim.destroy(vm, reason)
 
 
 def attach_monitor(
@@ -123,12 +166,11 @@ def attach_monitor(
 ) -> MonitorLog:
     """Make ``sim`` run a monitor over all its VMs; returns the log it fills as the run goes."""
     log = MonitorLog()
-    audit = audit or MemoryAuditSink("monitor")
     profiles = {vm.name: VMProfile(vm.transfer_rate_bytes_per_s or 0.0, vm.ram_bytes) for vm in sim.spec.vms}
     caps = {h.name: h.vswitch_bytes_per_s for h in sim.spec.infra.hosts}
-    monitor = TrafficMonitor(rules, profiles, caps)
-    responder = SimResponder(sim, security)
-    tick = rules.window / 10
+    monitor = TrafficMonitor(rules, profiles, {h: c for h, c in caps.items() if 0 < c < float("inf")})
+    enforcer = Enforcer(monitor, SimResponder(sim, security, log), audit or MemoryAuditSink("monitor"))
+    step = rules.step_s
     horizon = until_s or sim.spec.until_s or 600.0
 
     def migration_ended(result: MigrationResult) -> None:
@@ -136,57 +178,56 @@ def attach_monitor(
             # The destination obtained the VM's new binding with the grant: the verification module
             # now expects the VM on its new host (the paper's "recomputed hash value").
             security.moved(result.vm, result.source, result.destination)
-            v = monitor.judge_downtime(result.vm, result.downtime_s, float(sim.env.now))
-            if v is not None:
-                log.verdicts.append(carry_out(v, rules, responder, audit))
 
     sim.on_migration_end = migration_ended
 
     def process() -> simpy.events.ProcessGenerator:
-        last_vm = {vm: 0.0 for vm in sim.vms}
+        last_app = dict.fromkeys(sim.vms, 0.0)
+        last_mem = dict.fromkeys(sim.vms, 0.0)
         last_link = {h.name: 0.0 for h in sim.spec.infra.hosts}
-        n = 0
-        while sim.env.now < horizon:
-            yield sim.env.timeout(tick)
+        k = 0
+        while sim.env.now < horizon - 1e-9:
+            k += 1
+            yield sim.env.timeout(k * step - float(sim.env.now))  # no drift over thousands of steps
             now = float(sim.env.now)
             util: dict[str, float] = {}
             for host, link in sim.topo.vswitch.items():
                 carried = sim.net.link_bytes(link)
-                cap = caps.get(host, 0.0)
-                util[host] = (carried - last_link[host]) / tick / cap if cap and cap != float("inf") else 0.0
+                rate = (carried - last_link[host]) / step
                 last_link[host] = carried
-            for vm in sim.vms:
-                if vm in sim.destroyed:
-                    continue
-                moved = sim.net.account_bytes(sim.account[vm])
-                delta, last_vm[vm] = moved - last_vm[vm], moved
+                cap = caps.get(host, 0.0)
+                util[host] = rate / cap if 0 < cap < float("inf") else 0.0
+                log.vswitch_rates.setdefault(host, []).append((now, rate))
+            alive = [vm for vm in sim.vms if vm not in sim.destroyed]
+            for vm in alive:
+                app = sim.net.account_bytes(sim.account[vm])
+                mem = sim.net.account_bytes(sim.memory_account[vm])
+                d_app, d_mem = app - last_app[vm], mem - last_mem[vm]
+                last_app[vm], last_mem[vm] = app, mem
                 host = sim.location[vm]
+                moving = sim.migrating(vm)
+                if moving is not None:  # a migration's bytes leave from its source host's vSwitch
+                    host = moving[0]
                 rtt = BASE_RTT_S / max(1.0 - util.get(host, 0.0), 0.01)
-                monitor.observe(TrafficSample(now, vm, host, delta, rtt_s=rtt))
-                log.rates.setdefault(vm, []).append((now, delta / tick))
-            n += 1
-            if n % 10 == 0:
-                log.windows += len([v for v in sim.vms if v not in sim.destroyed])
-                for verdict in monitor.evaluate(now):
-                    if verdict.vm in sim.destroyed:
-                        continue
-                    final = carry_out(verdict, rules, responder, audit)
-                    log.verdicts.append(final)
-                    if final.action is Action.DESTROY:
-                        monitor.forget(verdict.vm)
+                paused = now - sim.paused[vm] if vm in sim.paused else 0.0
+                enforcer.observe(TrafficSample(now, vm, host, d_app, rtt_s=rtt, memory=False, paused_s=paused))
+                if d_mem > 0:
+                    stream = f"migration {moving[0]}->{moving[1]}" if moving else "migration"
+                    enforcer.observe(TrafficSample(now, vm, host, d_mem, flow=stream, memory=True, paused_s=paused))
+                log.rates.setdefault(vm, []).append((now, (d_app + d_mem) / step))
+                log.window_rates.setdefault(vm, []).append((now, monitor.rate(vm, now)))
+            log.vm_seconds += step * len(alive)
+            log.verdicts.extend(enforcer.tick(now))
 
     sim.processes.append(process)
     return log
 
 
-def new_cluster(root: object, hosts: list[str], revoked: list[str] | None = None) -> Cluster:
+def new_cluster(root: Path, hosts: list[str], revoked: list[str] | None = None) -> Cluster:
     """A real cluster in ``root`` with these hosts joined (and some revoked)."""
-    from pathlib import Path
-
-    cluster = Cluster.create(Path(str(root)), name="sim")
+    cluster = Cluster.create(root, name="sim")
     for h in hosts:
         cluster.join(h, macs=())
     for h in revoked or []:
         cluster.revoke(h, "compromised")
     return cluster
-
