@@ -136,7 +136,7 @@ async def _query(machine: QemuMachine) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
-async def _wait_status(machine: QemuMachine, want: set[str], timeout_s: float) -> dict[str, Any]:
+async def _wait_status(machine: QemuMachine, want: set[str], timeout_s: float, poll_s: float = 0.02) -> dict[str, Any]:
     deadline = time.monotonic() + timeout_s
     while True:
         info = await _query(machine)
@@ -145,7 +145,7 @@ async def _wait_status(machine: QemuMachine, want: set[str], timeout_s: float) -
             return info
         if time.monotonic() > deadline:
             raise MigrationError(f"{machine.name}: migration still {status or 'idle'} after {timeout_s:.0f} s")
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(poll_s)
 
 
 class QemuHost:
@@ -408,7 +408,8 @@ class QemuHost:
         while True:  # the destination starts its QEMU on the manifest: retry until it listens
             t_attempt = time.monotonic()
             await vm.machine.execute("migrate", {"uri": uri})
-            info = await _wait_status(vm.machine, {"completed", "cancelled"}, 600.0)
+            # Every query-migrate takes QEMU's big lock: poll as gently as QEMU's own harness does.
+            info = await _wait_status(vm.machine, {"completed", "cancelled"}, 600.0, poll_s=0.1)
             if info.get("status") == "completed":
                 break
             err = str(info.get("error-desc", ""))
