@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -228,14 +229,14 @@ def _rogue(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
     kw["grant"] = cluster.issue_grant(Operation.MIGRATE, "vm-1", "hv-a", "hv-x", current_binding=kw["binding"])
     t = _migrate_in_memory(lab, dst_identity=other.host_identity("hv-x"), **{**kw, "trust_dst": other.trust()})
     pages, how = _endpoint_leak(t)
-    return pages, "TLS 1.3: its certificate is not from this cluster's CA", how
+    return pages, "TLS: not this cluster's CA", how
 
 
 def _revoked(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
     kw = _legit(cluster, dst="hv-revoked")
     t = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-revoked"), **kw)
     pages, how = _endpoint_leak(t)
-    return pages, "revocation list, checked at the handshake", how
+    return pages, "revocation list", how
 
 
 def _mitm(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
@@ -257,7 +258,7 @@ def _mitm(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
         f"measured: {t.pages_on_wire_in_clear} pages readable on the wire, {t.pages_altered_accepted} altered "
         f"pages accepted, destination {'committed' if t.committed else 'aborted'}"
     )
-    return pages, "TLS record integrity (AEAD): the first altered record ends the session", how
+    return pages, "TLS record integrity", how
 
 
 def _replay(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
@@ -292,7 +293,7 @@ def _replay(lab: _Lab, cluster: Cluster, root: Path) -> tuple[int, str, str]:
         f"measured: replayed bytes gave {got} page bytes, the replayed grant {again.page_bytes_delivered} "
         f"(source released {again.page_bytes_released})"
     )
-    return pages, "fresh TLS session keys; the grant's single-use nonce", how
+    return pages, "TLS keys, grant nonce", how
 
 
 def _no_grant(operation: Operation) -> AuthRun:
@@ -301,7 +302,7 @@ def _no_grant(operation: Operation) -> AuthRun:
         kw["grant"] = None
         t = _migrate_in_memory(lab, dst_identity=cluster.host_identity("hv-b"), **kw)
         pages, how = _endpoint_leak(t)
-        return pages, f"authorization: a {operation.value} needs a grant", how
+        return pages, "no grant", how
 
     return run
 
@@ -514,7 +515,7 @@ class SweepPoint:
     """Share of the detection attacks detected."""
     detected_by_rate: float
     """Share detected by the rate rule itself (the threshold under test)."""
-    mean_time_to_detect_s: float
+    median_time_to_detect_s: float
     false_alarm_rate: float
     """Benign VM-windows with a wrongful action."""
     check_rate: float
@@ -541,7 +542,7 @@ def sweep(mediums: list[float], high_over_medium: float = 1.6, base: RuleSet | N
                 high_over_medium * m,
                 sum(r.stopped for r in det) / max(len(det), 1),
                 sum(r.rule == "rate" for r in det) / max(len(det), 1),
-                sum(ttds) / len(ttds) if ttds else math.nan,
+                statistics.median(ttds) if ttds else math.nan,
                 sum(r.false_alarms for r in ben) / windows,
                 sum(r.identity_checks for r in ben) / windows,
             )
