@@ -23,11 +23,11 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
 
 from secmig.errors import ConfigError, UnitError
 from secmig.model.units import parse_bandwidth, parse_duration
+from secmig.yamlfile import read_yaml
 
 DEFAULT_PORT = 7300
 
@@ -205,12 +205,4 @@ def parse_config(data: Any, source: str, base: Path | None = None) -> HostConfig
 def load_config(path: str | Path) -> HostConfig:
     """Read and validate ``host.yaml``."""
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{p}: cannot read: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p.name}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    return parse_config(data, p.name, p.parent)
+    return parse_config(read_yaml(p), p.name, p.parent)

@@ -11,12 +11,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from secmig.errors import ConfigError, UnitError
 from secmig.model.units import parse_duration
 from secmig.monitor.samples import Action
+from secmig.yamlfile import parse_yaml, read_yaml
 
 
 def _duration(value: Any) -> Any:
@@ -135,14 +135,6 @@ def load_rules(path: str | Path | None = None) -> RuleSet:
     """The rules in ``path``, or the bundled defaults (the paper's values)."""
     if path is None:
         text = resources.files("secmig.data").joinpath("rules.yaml").read_text(encoding="utf-8")
-        return parse_rules(yaml.safe_load(text), "rules.yaml")
+        return parse_rules(parse_yaml(text, "rules.yaml"), "rules.yaml")
     p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p.name}: not valid YAML: {getattr(err, 'problem', err)}") from None
-    return parse_rules(data, p.name)
+    return parse_rules(read_yaml(p), p.name)

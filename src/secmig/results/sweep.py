@@ -38,11 +38,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from secmig.errors import ConfigError, SecmigError
 from secmig.sim.engine import Simulation, SimulationSpec
 from secmig.sim.scenario import build_spec, parse_scenario
+from secmig.yamlfile import read_yaml
 
 KEY_VERSION = "secmig-sweep/v1"
 DB_NAME = "sweep.sqlite"
@@ -223,14 +223,7 @@ def parse_grid(data: Any, source: str, base_dir: Path) -> Grid:
     scenario_dir = base_dir
     if isinstance(scenario, str):
         path = base_dir / scenario
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError(f"{source}: scenario: cannot read {path}: {err.strerror}") from None
-        try:
-            base = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: scenario: {path.name} is not valid YAML: {err}") from None
+        base = read_yaml(path, f"{source}: scenario:")
         scenario_dir = path.parent
     elif isinstance(scenario, dict):
         base = scenario
@@ -276,15 +269,7 @@ def parse_grid(data: Any, source: str, base_dir: Path) -> Grid:
 
 def load_grid(path: Path) -> Grid:
     """Read and validate a grid file (not yet its points: see :meth:`Grid.points`)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path.name}: not valid YAML: {err}") from None
-    return parse_grid(data, path.name, path.parent)
+    return parse_grid(read_yaml(path), path.name, path.parent)
 
 
 # ---- running one point ----------------------------------------------------------------------------------

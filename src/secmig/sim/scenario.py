@@ -11,7 +11,6 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from secmig.errors import ConfigError, UnitError
@@ -20,6 +19,7 @@ from secmig.model.dirty import DirtyModel, Hotspot, NoDirtying, Sequential, Unif
 from secmig.model.infra import VM, Datacenter, Host, Infrastructure, WanLink
 from secmig.model.units import PAGE_SIZE, parse_bandwidth, parse_duration, parse_rate, parse_size
 from secmig.sim.engine import MigrationSpec, SimulationSpec, TrafficSpec
+from secmig.yamlfile import parse_yaml, read_yaml
 
 
 def _unit(parser: Any) -> Any:
@@ -175,24 +175,14 @@ def parse_scenario(data: Any, source: str) -> ScenarioModel:
 def load_scenario(path: str | Path) -> tuple[ScenarioModel, SimulationSpec]:
     """Read, validate and build a scenario file."""
     p = Path(path)
-    source = p.name
-    try:
-        text = p.read_text(encoding="utf-8")
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror}") from None
-    return load_scenario_text(text, source, base_dir=p.parent)
+    model = parse_scenario(read_yaml(p), p.name)
+    return model, build_spec(model, p.name, p.parent)
 
 
 def load_scenario_text(
     text: str, source: str, base_dir: Path | None = None
 ) -> tuple[ScenarioModel, SimulationSpec]:
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{source}:{where} not valid YAML: {getattr(err, 'problem', err)}") from None
-    model = parse_scenario(data, source)
+    model = parse_scenario(parse_yaml(text, source), source)
     return model, build_spec(model, source, base_dir or Path("."))
 
 
