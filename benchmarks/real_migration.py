@@ -35,11 +35,11 @@ from typing import Any
 import yaml
 
 from secmig.agent.control import ControlClient
-from secmig.agent.errors import AgentUnavailable
 from secmig.agent.qemu.guest import GuestParams, build_guest
 from secmig.agent.qemu.machine import MachineConfig, QemuMachine, choose_accel, find_qemu
 from secmig.agent.qemu.migration import MigrationSettings, migrate
 from secmig.agent.qemuhost import _write_tls_dir
+from secmig.errors import AgentUnavailable
 from secmig.model.units import parse_size
 from secmig.security import Cluster
 from secmig.security.credentials import LocationBinding

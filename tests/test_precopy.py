@@ -4,12 +4,12 @@ import pytest
 
 from secmig.errors import ConfigError, LocalProtocolError
 from secmig.migration import (
-    Aborted,
+    AbortMigration,
     Finished,
     PreCopyMigration,
     SendRound,
-    StopAndCopy,
     StopAndCopyMigration,
+    StopAndCopyRound,
     policy_preset,
 )
 from secmig.model.analytic import PAGE_WIRE_BYTES, ZERO_PAGE_WIRE_BYTES
@@ -25,7 +25,7 @@ def drive(m: PreCopyMigration, dirty: int, bw: float = 1e8, max_steps: int = 10_
         if isinstance(action, SendRound):
             now += action.bytes / bw
             action = m.round_done(now, dirty)
-        elif isinstance(action, StopAndCopy):
+        elif isinstance(action, StopAndCopyRound):
             now += action.bytes / bw
             action = m.stop_and_copy_done(now)
         else:
@@ -54,7 +54,7 @@ def test_qemu_policy_aborts_when_it_never_converges() -> None:
     """Too many dirty pages every round: the hard cap aborts and the VM stays on the source."""
     m = PreCopyMigration(GiB, GiB, policy=policy_preset("qemu").with_overrides(max_time_s=60))
     end = drive(m, dirty=200_000)
-    assert isinstance(end, Aborted) and "did not converge" in end.reason
+    assert isinstance(end, AbortMigration) and "did not converge" in end.reason
 
 
 def test_xen_policy_stops_at_30_rounds() -> None:
@@ -80,14 +80,14 @@ def test_paper_policy_converges_under_th_and_aborts_on_long_downtime() -> None:
     assert isinstance(end, Finished) and end.converged
     m = PreCopyMigration(GiB, GiB, policy=policy_preset("paper"))
     end = drive(m, dirty=GiB // 4096)
-    assert isinstance(end, Aborted) and "downtime" in end.reason
+    assert isinstance(end, AbortMigration) and "downtime" in end.reason
 
 
 def test_stop_and_copy_baseline_is_one_paused_copy() -> None:
     """The non-live baseline sends everything once, with the VM paused."""
     m = StopAndCopyMigration(GiB, GiB // 2, device_state_bytes=1000)
     action = m.start(0.0)
-    assert isinstance(action, StopAndCopy)
+    assert isinstance(action, StopAndCopyRound)
     assert isinstance(m.stop_and_copy_done(1.0), Finished)
     with pytest.raises(LocalProtocolError):
         m.round_done(2.0, 0)

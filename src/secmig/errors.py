@@ -4,10 +4,19 @@
 
     SecmigError
      ├── ConfigError            bad input: a scenario, a rule file, a CLI value (the CLI exits 2)
-     │    └── UnitError         a size, rate or duration that does not parse
+     │    ├── UnitError         a size, rate or duration that does not parse
+     │    ├── QemuNotFound      qemu-system-x86_64 is not installed (or not where it was said to be)
+     │    └── GuestBuildError   the reference guest could not be built (no gcc, a compile error)
      ├── SimulationError        the simulator reached a state it cannot continue from
      ├── MigrationError         a migration failed; the VM stays on its source
-     │    └── MigrationAborted  a policy or a peer aborted it on purpose
+     │    ├── MigrationAborted  a policy or a peer aborted it on purpose
+     │    │    └── ChannelClosed the transport ended (EOF, reset, timeout) before the migration did
+     │    └── QemuError         a QEMU process died, refused a QMP command or did not answer in time
+     │         └── GuestError   the reference guest reported an error or never started its workload
+     ├── AgentError             the agent daemon or its control API failed
+     │    ├── AgentUnavailable  nothing answers on the control socket
+     │    ├── StateError        a call the agent's runstate (or a VM's state) does not allow now
+     │    └── VMNotFound        no VM of that name on this host
      ├── SecurityError          any refused security check (one opaque kind per check family)
      │    ├── AuthenticationError
      │    ├── AuthorizationError
@@ -15,6 +24,9 @@
      │    └── AuditError
      ├── LocalProtocolError     we tried to do something the protocol forbids (our bug)
      └── RemoteProtocolError    the peer sent something the protocol forbids
+
+The agents' control API carries an error by its class name; :func:`error_class` finds the class again by
+walking this tree, so every error defined here crosses the socket as itself.
 
 Wrapped errors keep their cause (``raise ... from err``). ``asyncio.CancelledError`` is never wrapped.
 """
@@ -46,6 +58,42 @@ class MigrationAborted(MigrationError):
     """A migration was aborted on purpose (policy, monitor or peer)."""
 
 
+class ChannelClosed(MigrationAborted):
+    """The transport ended (EOF, reset, timeout) before the migration did."""
+
+
+class QemuNotFound(ConfigError):
+    """No usable ``qemu-system-x86_64``: the message says how to install it."""
+
+
+class GuestBuildError(ConfigError):
+    """The reference guest kernel could not be built from its C source."""
+
+
+class QemuError(MigrationError):
+    """A QEMU process or its QMP monitor failed; the message carries the tail of QEMU's log."""
+
+
+class GuestError(QemuError):
+    """The reference guest did not reach its running state, or reported an error."""
+
+
+class AgentError(SecmigError):
+    """The agent daemon or its control API failed."""
+
+
+class AgentUnavailable(AgentError):
+    """No agent answers on the control socket (not running, or the path is wrong)."""
+
+
+class StateError(AgentError):
+    """The agent or a VM is not in a state that allows this call (QEMU's qmp ``StateError`` shape)."""
+
+
+class VMNotFound(AgentError):
+    """No VM of that name runs (or is stored) on this host."""
+
+
 class SecurityError(SecmigError):
     """A security check refused something."""
 
@@ -72,3 +120,14 @@ class LocalProtocolError(SecmigError):
 
 class RemoteProtocolError(SecmigError):
     """The peer sent something malformed or out of order."""
+
+
+def error_class(name: str) -> type[SecmigError] | None:
+    """The class of this tree called ``name`` (None when there is none), found by walking the subclasses."""
+    stack: list[type[SecmigError]] = [SecmigError]
+    while stack:
+        cls = stack.pop()
+        if cls.__name__ == name:
+            return cls
+        stack.extend(cls.__subclasses__())
+    return None

@@ -190,7 +190,7 @@ async def spawn_agent(config: Path, log: Path) -> asyncio.subprocess.Process:
     import yaml
 
     from secmig.agent.control import ControlClient
-    from secmig.agent.errors import AgentUnavailable
+    from secmig.errors import AgentUnavailable
 
     with open(log, "ab") as fh:
         proc = await asyncio.create_subprocess_exec(

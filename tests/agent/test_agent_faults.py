@@ -27,8 +27,7 @@ from agent_helpers import (
 
 from secmig.agent.control import ControlClient
 from secmig.agent.daemon import Agent
-from secmig.agent.errors import AgentUnavailable
-from secmig.errors import MigrationAborted, MigrationError
+from secmig.errors import AgentUnavailable, MigrationAborted, MigrationError
 from secmig.security import Cluster
 from secmig.security.credentials import LocationBinding
 from secmig.security.policy import Operation

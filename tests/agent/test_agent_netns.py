@@ -17,7 +17,7 @@ import yaml
 from agent_helpers import MIB, VM_MAC, run, spec
 
 from secmig.agent.control import ControlClient
-from secmig.agent.errors import AgentUnavailable
+from secmig.errors import AgentUnavailable
 from secmig.security import Cluster
 from secmig.security.credentials import LocationBinding
 from secmig.security.policy import Operation

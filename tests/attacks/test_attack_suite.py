@@ -7,9 +7,7 @@ import pytest
 
 from secmig.cli import main
 from secmig.errors import ConfigError
-from secmig.monitor import Action, RuleSet
-from secmig.security.policy import Operation
-from secmig.sim.attacks import (
+from secmig.lab.attacks import (
     AUTH_ATTACKS,
     _Lab,
     _legit,
@@ -19,6 +17,8 @@ from secmig.sim.attacks import (
     run_scenario,
     scenario_files,
 )
+from secmig.monitor import Action, RuleSet
+from secmig.security.policy import Operation
 from secmig.sim.monitoring import new_cluster
 
 

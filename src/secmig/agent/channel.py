@@ -16,8 +16,7 @@ import enum
 import logging
 from collections.abc import Callable
 
-from secmig.agent.errors import StateError
-from secmig.errors import MigrationAborted, RemoteProtocolError
+from secmig.errors import ChannelClosed, RemoteProtocolError, StateError
 from secmig.security.events import (
     CONNECTION_CLOSED,
     NEED_DATA,
@@ -40,10 +39,6 @@ class Runstate(enum.Enum):
     RUNNING = "running"
     DISCONNECTING = "disconnecting"
     CLOSED = "closed"
-
-
-class ChannelClosed(MigrationAborted):
-    """The transport ended (EOF, reset, timeout) before the migration did."""
 
 
 class SecureChannel:

@@ -14,22 +14,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from secmig import errors
-from secmig.agent import errors as agent_errors
-from secmig.agent.errors import AgentError, AgentUnavailable
-
-_KINDS: dict[str, type[errors.SecmigError]] = {
-    name: obj
-    for module in (errors, agent_errors)
-    for name, obj in vars(module).items()
-    if isinstance(obj, type) and issubclass(obj, errors.SecmigError)
-}
-_KINDS.update({"QemuError": errors.MigrationError, "ChannelClosed": errors.MigrationAborted})
+from secmig.errors import AgentError, AgentUnavailable, SecmigError, error_class
 
 
-def error_from(kind: str, message: str) -> errors.SecmigError:
+def error_from(kind: str, message: str) -> SecmigError:
     """The exception a control error stands for (AgentError when the kind is unknown)."""
-    return _KINDS.get(kind, AgentError)(message)
+    return (error_class(kind) or AgentError)(message)
 
 
 class ControlClient:

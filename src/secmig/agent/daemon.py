@@ -27,14 +27,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from secmig.agent.channel import ChannelClosed, SecureChannel
+from secmig.agent.channel import SecureChannel
 from secmig.agent.config import HostConfig
-from secmig.agent.errors import AgentError, StateError, VMNotFound
 from secmig.agent.memmigrate import SendSettings, receive_memory_vm, send_memory_vm
 from secmig.agent.memvm import MemoryVM, VMState, WorkloadSpec
 from secmig.agent.monitoring import MonitorHook, RulesMonitor
 from secmig.agent.report import MigrationHandle, MigrationReport
-from secmig.errors import ConfigError, MigrationAborted, MigrationError, RemoteProtocolError, SecmigError
+from secmig.errors import (
+    AgentError,
+    ChannelClosed,
+    ConfigError,
+    MigrationAborted,
+    MigrationError,
+    RemoteProtocolError,
+    SecmigError,
+    StateError,
+    VMNotFound,
+)
 from secmig.migration import policy_preset
 from secmig.model.units import PAGE_SIZE
 from secmig.monitor import load_rules

@@ -29,17 +29,13 @@ from secmig.agent.memvm import MemoryVM, restore, write_pages
 from secmig.agent.report import MigrationHandle, MigrationReport
 from secmig.errors import IntegrityError, LocalProtocolError, MigrationAborted, MigrationError
 from secmig.migration import (
-    Aborted as StrategyAborted,
-)
-from secmig.migration import (
+    AbortMigration,
     Finished,
     PreCopyMigration,
     SendRound,
     StopAndCopyMigration,
+    StopAndCopyRound,
     StopPolicy,
-)
-from secmig.migration import (
-    StopAndCopy as StrategyStop,
 )
 from secmig.model.units import PAGE_SIZE
 from secmig.security import frames
@@ -166,7 +162,7 @@ async def send_memory_vm(
                 round_no += 1
                 rounds += 1
                 action = strategy.round_done(now(), len(pages))
-            elif isinstance(action, StrategyStop):
+            elif isinstance(action, StopAndCopyRound):
                 handle.check()
                 if paused_at is None:
                     vm.pause()
@@ -189,7 +185,7 @@ async def send_memory_vm(
                 action = strategy.stop_and_copy_done(now())
             elif isinstance(action, Finished):
                 break
-            elif isinstance(action, StrategyAborted):
+            elif isinstance(action, AbortMigration):
                 raise MigrationAborted(action.reason)
             else:  # pragma: no cover - pre-copy never pushes
                 raise MigrationError(f"unexpected strategy action {action!r}")

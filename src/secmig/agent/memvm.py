@@ -20,8 +20,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import numpy.typing as npt
 
-from secmig.agent.errors import StateError
-from secmig.errors import ConfigError
+from secmig.errors import ConfigError, StateError
 from secmig.model.units import PAGE_SIZE
 
 _TICK_S = 0.005

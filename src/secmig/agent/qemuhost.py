@@ -32,14 +32,12 @@ from typing import TYPE_CHECKING, Any
 
 from cryptography.hazmat.primitives import serialization
 
-from secmig.agent.channel import ChannelClosed, SecureChannel
+from secmig.agent.channel import SecureChannel
 from secmig.agent.config import HostConfig
-from secmig.agent.errors import StateError
-from secmig.agent.qemu.errors import QemuError
 from secmig.agent.qemu.guest import GuestParams, build_guest
 from secmig.agent.qemu.machine import MachineConfig, QemuMachine, choose_accel, find_qemu
 from secmig.agent.report import MigrationHandle, MigrationReport
-from secmig.errors import ConfigError, MigrationAborted, MigrationError
+from secmig.errors import ChannelClosed, ConfigError, MigrationAborted, MigrationError, QemuError, StateError
 from secmig.security import frames
 from secmig.security.cluster import HostIdentity
 from secmig.security.events import (

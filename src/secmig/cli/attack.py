@@ -28,7 +28,7 @@ RulesOption = Annotated[Path | None, typer.Option("--rules", help="Rule file (de
 @attack_app.command("list")
 def list_attacks() -> None:
     """List the attacks and the benign scenarios."""
-    from secmig.sim.attacks import attack_names
+    from secmig.lab.attacks import attack_names
 
     table = Table(header_style="bold")
     for col in ("name", "kind", "what it does"):
@@ -78,8 +78,8 @@ def run_attacks(
     ] = None,
 ) -> None:
     """Run attacks: stopped or not, by which rule, how fast, the pages that reached the attacker, the VM's fate."""
+    from secmig.lab.attacks import attack_names, false_alarm_rate, run_attack_full
     from secmig.monitor.rules import load_rules
-    from secmig.sim.attacks import attack_names, false_alarm_rate, run_attack_full
 
     ruleset = load_rules(rules)
     known = [n for n, _, _ in attack_names()]
@@ -164,8 +164,8 @@ def sweep_attacks(
     rules: RulesOption = None,
 ) -> None:
     """Detection against false alarms as the rate thresholds move: a table, a CSV and a ROC-style plot."""
+    from secmig.lab.attacks import sweep
     from secmig.monitor.rules import load_rules
-    from secmig.sim.attacks import sweep
 
     if high_ratio <= 1:
         raise ConfigError(f"--high-ratio: {high_ratio:g}: must be above 1 (HIGH is above MEDIUM)")
@@ -222,7 +222,7 @@ def _sweep_plot(points: Sequence[object], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from secmig.sim.attacks import SweepPoint
+    from secmig.lab.attacks import SweepPoint
 
     pts = [p for p in points if isinstance(p, SweepPoint)]
     fig, (roc, ttd) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)

@@ -22,9 +22,9 @@ def experiment_paper(
     """Two datacenters, VMs moved while the monitor watches: Table 6.1 (CSV), Chart 1 (PNG), the run's report."""
     from secmig.cli.attack import monitor_event_rows, open_audit_log
     from secmig.cli.report import write_run_report
+    from secmig.lab.experiment import run_paper_experiment, scenario_text, write_chart, write_table
     from secmig.monitor.rules import load_rules
     from secmig.results.store import save_monitor_events, save_run
-    from secmig.sim.experiment import run_paper_experiment, scenario_text, write_chart, write_table
 
     ruleset = load_rules(rules)
     out.mkdir(parents=True, exist_ok=True)

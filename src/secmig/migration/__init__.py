@@ -6,7 +6,7 @@ send a round, stop the VM and copy the rest, done, or abort. It never sends a by
 
 from secmig.migration.policy import POLICY_PRESETS, StopPolicy, policy_preset
 from secmig.migration.precopy import (
-    Aborted,
+    AbortMigration,
     AutoConverge,
     Finished,
     MigrationStrategy,
@@ -15,13 +15,13 @@ from secmig.migration.precopy import (
     PreCopyMigration,
     RoundRecord,
     SendRound,
-    StopAndCopy,
     StopAndCopyMigration,
+    StopAndCopyRound,
 )
 
 __all__ = [
     "POLICY_PRESETS",
-    "Aborted",
+    "AbortMigration",
     "AutoConverge",
     "Finished",
     "MigrationStrategy",
@@ -30,8 +30,8 @@ __all__ = [
     "PreCopyMigration",
     "RoundRecord",
     "SendRound",
-    "StopAndCopy",
     "StopAndCopyMigration",
+    "StopAndCopyRound",
     "StopPolicy",
     "policy_preset",
 ]

@@ -31,7 +31,7 @@ class SendRound:
 
 
 @dataclass(frozen=True, slots=True)
-class StopAndCopy:
+class StopAndCopyRound:
     """Pause the VM and send what is left plus its CPU and device state: the downtime starts."""
 
     index: int
@@ -63,13 +63,13 @@ class Finished:
 
 
 @dataclass(frozen=True, slots=True)
-class Aborted:
+class AbortMigration:
     """The migration is given up; the VM keeps running on its source."""
 
     reason: str
 
 
-Action = SendRound | StopAndCopy | PostCopyPush | Finished | Aborted
+Action = SendRound | StopAndCopyRound | PostCopyPush | Finished | AbortMigration
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +114,7 @@ class MigrationStrategy(Protocol):
 
     def push_done(self, now_s: float, remote_faults: float) -> Action: ...
 
-    def abort(self, now_s: float, reason: str) -> Aborted: ...
+    def abort(self, now_s: float, reason: str) -> AbortMigration: ...
 
 
 def _pages(n_bytes: int) -> int:
@@ -137,7 +137,7 @@ class _Base:
     throttle: float = 0.0
     extra: dict[str, float] = field(default_factory=dict)
     _round_start_s: float = 0.0
-    _pending: SendRound | StopAndCopy | PostCopyPush | None = None
+    _pending: SendRound | StopAndCopyRound | PostCopyPush | None = None
 
     def _need(self, *phases: Phase) -> None:
         if self.phase not in phases:
@@ -168,7 +168,7 @@ class _Base:
 
     def stop_and_copy_done(self, now_s: float) -> Action:
         self._need(Phase.STOP_AND_COPY)
-        assert isinstance(self._pending, StopAndCopy)
+        assert isinstance(self._pending, StopAndCopyRound)
         self._record(now_s, 0, live=False)
         self.phase = Phase.DONE
         return Finished(self._pending.converged, self._pending.reason)
@@ -176,10 +176,10 @@ class _Base:
     def push_done(self, now_s: float, remote_faults: float) -> Action:
         raise LocalProtocolError(f"{type(self).__name__} has no post-copy push")
 
-    def abort(self, now_s: float, reason: str) -> Aborted:
+    def abort(self, now_s: float, reason: str) -> AbortMigration:
         self._need(Phase.NEW, Phase.LIVE, Phase.STOP_AND_COPY, Phase.POSTCOPY)
         self.phase = Phase.ABORTED
-        return Aborted(reason)
+        return AbortMigration(reason)
 
     @property
     def bytes_sent(self) -> int:
@@ -195,7 +195,7 @@ class StopAndCopyMigration(_Base):
         self.start_s = self._round_start_s = now_s
         used, zero, nbytes = self._first_copy()
         self.phase = Phase.STOP_AND_COPY
-        self._pending = StopAndCopy(0, used, zero, nbytes + self.device_state_bytes, True, "non-live copy")
+        self._pending = StopAndCopyRound(0, used, zero, nbytes + self.device_state_bytes, True, "non-live copy")
         return self._pending
 
     def round_done(self, now_s: float, dirty_pages: int) -> Action:
@@ -371,7 +371,7 @@ class PreCopyMigration(_Base):
             )
         self.phase = Phase.STOP_AND_COPY
         self._round_start_s = now_s
-        self._pending = StopAndCopy(len(self.rounds), pending - zero, zero, nbytes, converged, reason)
+        self._pending = StopAndCopyRound(len(self.rounds), pending - zero, zero, nbytes, converged, reason)
         return self._pending
 
     # --- hybrid: pre-copy rounds, then post-copy ------------------------------------------------------
@@ -381,11 +381,11 @@ class PreCopyMigration(_Base):
         self.phase = Phase.STOP_AND_COPY
         self._round_start_s = now_s
         reason = f"switched to post-copy after {len(self.rounds)} rounds with {pending} pages pending"
-        self._pending = StopAndCopy(len(self.rounds), 0, 0, self.device_state_bytes, True, reason)
+        self._pending = StopAndCopyRound(len(self.rounds), 0, 0, self.device_state_bytes, True, reason)
         return self._pending
 
     def stop_and_copy_done(self, now_s: float) -> Action:
-        if self.postcopy_after_rounds is None or not isinstance(self._pending, StopAndCopy):
+        if self.postcopy_after_rounds is None or not isinstance(self._pending, StopAndCopyRound):
             return _Base.stop_and_copy_done(self, now_s)
         if not self._pending.reason.startswith("switched to post-copy"):
             return _Base.stop_and_copy_done(self, now_s)
@@ -423,7 +423,7 @@ class PostCopyMigration(_Base):
         self._need(Phase.NEW)
         self.start_s = self._round_start_s = now_s
         self.phase = Phase.STOP_AND_COPY
-        self._pending = StopAndCopy(0, 0, 0, self.device_state_bytes, True, "post-copy: state sent first")
+        self._pending = StopAndCopyRound(0, 0, 0, self.device_state_bytes, True, "post-copy: state sent first")
         return self._pending
 
     def round_done(self, now_s: float, dirty_pages: int) -> Action:

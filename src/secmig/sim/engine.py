@@ -22,7 +22,7 @@ import simpy
 from secmig.errors import ConfigError
 from secmig.migration.policy import StopPolicy
 from secmig.migration.precopy import (
-    Aborted,
+    AbortMigration,
     AutoConverge,
     Finished,
     MigrationStrategy,
@@ -31,8 +31,8 @@ from secmig.migration.precopy import (
     PostCopyPush,
     PreCopyMigration,
     SendRound,
-    StopAndCopy,
     StopAndCopyMigration,
+    StopAndCopyRound,
 )
 from secmig.migration.result import MigrationResult
 from secmig.model.analytic import expected_remote_faults
@@ -216,7 +216,7 @@ class Simulation:
             start = float(env.now)
             if src == spec.destination:
                 strategy = self._strategy(spec, vm, math.inf)
-                self._finish(spec, src, start, 0.0, Aborted(f"{vm.name} is already on {src}"), strategy)
+                self._finish(spec, src, start, 0.0, AbortMigration(f"{vm.name} is already on {src}"), strategy)
                 return
             path, latency = self.topo.path(src, spec.destination)
             strategy = self._strategy(spec, vm, self.net.path_bandwidth(path))
@@ -250,7 +250,7 @@ class Simulation:
                         s = vm.dirty_noise
                         dirty *= rng.lognormal(-s * s / 2, s)
                     action = strategy.round_done(float(env.now), round(min(dirty, vm.pages)))
-                elif isinstance(action, StopAndCopy):
+                elif isinstance(action, StopAndCopyRound):
                     # The VM is paused; QEMU lifts the rate limit for the switchover.
                     paused_at = t0
                     self.paused[vm.name] = t0
@@ -284,7 +284,7 @@ class Simulation:
         src: str,
         start: float,
         downtime: float,
-        action: Finished | Aborted,
+        action: Finished | AbortMigration,
         strategy: MigrationStrategy,
     ) -> None:
         done = isinstance(action, Finished)
@@ -328,7 +328,7 @@ class Simulation:
             return False  # the VM already runs on the destination; nothing to give back
         self.location[vm] = src
         self.paused.pop(vm, None)  # it resumes on its source
-        self._finish(spec, src, start, 0.0, Aborted(f"aborted by the monitor: {reason}"), strategy)
+        self._finish(spec, src, start, 0.0, AbortMigration(f"aborted by the monitor: {reason}"), strategy)
         return True
 
     def destroy(self, vm: str, reason: str) -> None:

@@ -6,7 +6,6 @@
 - :mod:`.calibration` — a whole calibration run, and secmig's prediction for the same parameters.
 """
 
-from secmig.agent.qemu.errors import GuestBuildError, GuestError, QemuError, QemuNotFound
 from secmig.agent.qemu.guest import GuestParams, GuestStatus, build_guest
 from secmig.agent.qemu.machine import MachineConfig, QemuMachine, choose_accel, find_qemu
 from secmig.agent.qemu.migration import (
@@ -16,6 +15,7 @@ from secmig.agent.qemu.migration import (
     measure_write_rate,
     migrate,
 )
+from secmig.errors import GuestBuildError, GuestError, QemuError, QemuNotFound
 
 __all__ = [
     "GuestBuildError",

@@ -19,7 +19,6 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from secmig.agent.qemu.errors import GuestError, QemuError
 from secmig.agent.qemu.guest import PATTERN_TO_MODEL, GuestParams, build_guest
 from secmig.agent.qemu.machine import (
     Accel,
@@ -36,7 +35,7 @@ from secmig.agent.qemu.migration import (
     measure_write_rate,
     migrate,
 )
-from secmig.errors import ConfigError
+from secmig.errors import ConfigError, GuestError, QemuError
 
 __all__ = [
     "GUEST_BASE_USED_BYTES",

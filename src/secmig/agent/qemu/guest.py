@@ -22,8 +22,7 @@ from enum import IntEnum
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from secmig.agent.qemu.errors import GuestBuildError
-from secmig.errors import ConfigError
+from secmig.errors import ConfigError, GuestBuildError
 from secmig.model.units import PAGE_SIZE
 
 STATUS_ADDR = 0x101000

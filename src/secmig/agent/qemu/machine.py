@@ -24,11 +24,11 @@ from typing import Any, Literal
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from secmig.agent.qemu.errors import INSTALL_HINT, GuestError, QemuError, QemuNotFound
 from secmig.agent.qemu.guest import GuestState, GuestStatus, parse_xp_words, xp_command
-from secmig.errors import ConfigError
+from secmig.errors import ConfigError, GuestError, QemuError, QemuNotFound
 
 QEMU_BINARY = "qemu-system-x86_64"
+INSTALL_HINT = "install it with: apt-get install qemu-system-x86"
 Accel = Literal["kvm", "tcg"]
 AccelChoice = Literal["auto", "kvm", "tcg"]
 

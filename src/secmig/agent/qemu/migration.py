@@ -17,9 +17,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from secmig.agent.qemu.errors import GuestError, QemuError
 from secmig.agent.qemu.machine import QemuMachine
-from secmig.errors import ConfigError, MigrationAborted, MigrationError
+from secmig.errors import ConfigError, GuestError, MigrationAborted, MigrationError, QemuError
 
 _LOG = logging.getLogger(__name__)
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from secmig.lab.attacks import ScenarioRun, bytes_to_outsiders, run_scenario
 from secmig.monitor.rules import RuleSet
 from secmig.monitor.samples import Action
 from secmig.security.audit import AuditSink
-from secmig.sim.attacks import ScenarioRun, bytes_to_outsiders, run_scenario
 
 SCENARIO = "experiment-paper.yaml"
 
