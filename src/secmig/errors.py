@@ -22,6 +22,7 @@
      │    ├── AuthorizationError
      │    ├── IntegrityError
      │    └── AuditError
+     │    └── DocumentFormatError a signed document (credential, grant, binding) has the wrong shape
      ├── LocalProtocolError     we tried to do something the protocol forbids (our bug)
      └── RemoteProtocolError    the peer sent something the protocol forbids
 
@@ -112,6 +113,10 @@ class IntegrityError(SecurityError):
 
 class AuditError(SecurityError):
     """The audit log cannot be written or read."""
+
+
+class DocumentFormatError(SecurityError):
+    """A signed document does not have the expected shape; callers say which file or message held it."""
 
 
 class LocalProtocolError(SecmigError):

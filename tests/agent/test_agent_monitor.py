@@ -53,7 +53,7 @@ def test_failed_identity_check_destroys_the_vm(tmp_path: Path, base: Path) -> No
                     await mig
                 assert "vm1" not in a.vms and vm.state.value == "destroyed" and not vm.memory.any()
                 events = audit_events(a)
-                assert "monitor.rate:allowed" in events  # checked and passed before the revocation
+                assert "monitor.rate:allow" in events  # checked and passed before the revocation
                 assert "monitor.rate:destroy" in events and "vm.destroyed:destroy" in events
                 await asyncio.sleep(0.2)
                 assert "vm1" not in b.vms

@@ -53,7 +53,7 @@ def test_each_action_is_carried_out_and_audited(asked: Action, passes: bool, fin
     assert out.action is final and responder.done == done
     rec = audit.records[-1]
     assert rec.event == "monitor.rate" and rec.subject == "vm"
-    assert rec.decision == ("allowed" if final is Action.CONTINUE else final.value)
+    assert rec.decision == ("allow" if final is Action.CONTINUE else final.value)
     assert rec.detail["ratio"] == 2.5 and rec.detail["level"] == "HIGH"
     if "challenge" in done:
         assert rec.detail["challenge"] == ("passed" if passes else "failed")

@@ -37,6 +37,7 @@ from secmig.errors import (
     AgentError,
     ChannelClosed,
     ConfigError,
+    DocumentFormatError,
     MigrationAborted,
     MigrationError,
     RemoteProtocolError,
@@ -47,10 +48,9 @@ from secmig.errors import (
 from secmig.migration import policy_preset
 from secmig.model.units import PAGE_SIZE
 from secmig.monitor import load_rules
-from secmig.security.audit import AuditLog
+from secmig.security.audit import AuditLog, Decision
 from secmig.security.cluster import Cluster, ClusterTrust, HostIdentity
 from secmig.security.credentials import LocationBinding
-from secmig.security.encoding import DocumentFormatError
 from secmig.security.events import Authorized, MigrationRequest
 from secmig.security.grants import Grant
 from secmig.security.location import verify_location
@@ -194,7 +194,7 @@ class Agent:
             raise
         self._monitor_task = asyncio.get_running_loop().create_task(self._monitor_loop(), name="monitor")
         self.state = AgentState.RUNNING
-        self.audit.record("agent.started", "info", cfg.host_id, {"listen": "{}:{}".format(*self.address)})
+        self.audit.record("agent.started", Decision.INFO, cfg.host_id, {"listen": "{}:{}".format(*self.address)})
         self.logger.info("listening on %s:%d, control on %s", *self.address, cfg.control_socket)
 
     async def _start_control(self) -> None:
@@ -238,7 +238,7 @@ class Agent:
                 await self._stop_vm(entry)
         if self.audit is not None:
             with contextlib.suppress(SecmigError):
-                self.audit.record("agent.stopped", "info", self.host_id, {"vms": len(self.vms)})
+                self.audit.record("agent.stopped", Decision.INFO, self.host_id, {"vms": len(self.vms)})
         await self._close_resources()
         self.state = AgentState.STOPPED
         self._stopped.set()
@@ -315,7 +315,7 @@ class Agent:
         entry = VMEntry(name, driver, vm, bound)
         self.vms[name] = entry
         assert self.audit is not None
-        self.audit.record("vm.started", "info", name, {"driver": driver, "bound": bound is not None})
+        self.audit.record("vm.started", Decision.INFO, name, {"driver": driver, "bound": bound is not None})
         return entry.describe()
 
     async def _stop_vm(self, entry: VMEntry) -> None:
@@ -342,7 +342,7 @@ class Agent:
         else:
             await entry.vm.destroy()
         assert self.audit is not None
-        self.audit.record(event, "info" if event == "vm.stopped" else "destroy", name, {"reason": reason})
+        self.audit.record(event, Decision.INFO if event == "vm.stopped" else Decision.DESTROY, name, {"reason": reason})
         if self.monitor is not None:
             self.monitor.unwatch(name)
         if event != "vm.stopped":
@@ -492,12 +492,12 @@ class Agent:
                 )
         except RemoteProtocolError as err:
             assert self.audit is not None
-            self.audit.record("migration.failed", "refuse", name, {"to": to, "reason": str(err)[:300]})
+            self.audit.record("migration.failed", Decision.REFUSE, name, {"to": to, "reason": str(err)[:300]})
             raise MigrationAborted(f"migration of {name} to {to} failed, VM still here: {err}") from err
         except BaseException as err:
             assert self.audit is not None
             self.audit.record(
-                "migration.failed", "refuse", name, {"to": to, "operation": op.value, "reason": str(err)[:300]}
+                "migration.failed", Decision.REFUSE, name, {"to": to, "operation": op.value, "reason": str(err)[:300]}
             )
             raise
         finally:
@@ -510,7 +510,7 @@ class Agent:
         assert self.audit is not None
         self.audit.record(
             "migration.completed",
-            "allow",
+            Decision.ALLOW,
             name,
             {"to": to, "operation": op.value, "downtime_s": report.downtime_s, "bytes": report.wire_bytes},
         )
@@ -544,7 +544,7 @@ class Agent:
             self.vms.pop(entry.name, None)
             vm.destroy()
             assert self.audit is not None
-            self.audit.record("vm.released", "info", entry.name, {"to": to})
+            self.audit.record("vm.released", Decision.INFO, entry.name, {"to": to})
         else:
             vm.resume()
         return report
@@ -600,9 +600,8 @@ class Agent:
                 self.stats["payload_bytes_received"] += handle.bytes
             log.warning("incoming migration dropped: %s", err)
             with contextlib.suppress(SecmigError):
-                self.audit.record(
-                    "migration.discarded", "refuse", handle.vm if handle else str(peer), {"reason": str(err)[:300]}
-                )
+                subject = handle.vm if handle else str(peer)
+                self.audit.record("migration.discarded", Decision.REFUSE, subject, {"reason": str(err)[:300]})
         finally:
             if handle is not None:
                 self._untrack(handle)
@@ -625,7 +624,7 @@ class Agent:
         assert self.audit is not None
         self.audit.record(
             "vm.received",
-            "allow",
+            Decision.ALLOW,
             auth.vm_id,
             {"from": auth.peer_host, "operation": auth.operation.value, "stored": entry.stored},
         )

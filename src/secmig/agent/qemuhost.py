@@ -39,6 +39,7 @@ from secmig.agent.qemu.machine import MachineConfig, QemuMachine, choose_accel, 
 from secmig.agent.report import MigrationHandle, MigrationReport
 from secmig.errors import ChannelClosed, ConfigError, MigrationAborted, MigrationError, QemuError, StateError
 from secmig.security import frames
+from secmig.security.audit import Decision
 from secmig.security.cluster import HostIdentity
 from secmig.security.events import (
     Abort,
@@ -288,7 +289,7 @@ class QemuHost:
         agent.vms.pop(vm.name, None)
         await vm.shutdown()
         assert agent.audit is not None
-        agent.audit.record("vm.released", "info", vm.name, {"to": to, "driver": "qemu"})
+        agent.audit.record("vm.released", Decision.INFO, vm.name, {"to": to, "driver": "qemu"})
         ram = info.get("ram", {}) if isinstance(info.get("ram"), dict) else {}
         total_ms, down_ms = info.get("total-time"), info.get("downtime")
         qemu_downtime = down_ms / 1000 if isinstance(down_ms, int | float) else None

@@ -32,7 +32,7 @@ import yaml
 from secmig.errors import ConfigError, LocalProtocolError, RemoteProtocolError
 from secmig.monitor.rules import RuleSet
 from secmig.monitor.samples import Action, Verdict
-from secmig.security.audit import AuditSink, Detail, MemoryAuditSink
+from secmig.security.audit import AuditSink, Decision, Detail, MemoryAuditSink
 from secmig.security.cluster import Cluster
 from secmig.security.events import (
     Commit,
@@ -186,7 +186,7 @@ def _auth_attack(name: str, detail: str, run: AuthRun) -> AttackResult:
         cluster = new_cluster(root / "cluster", ["hv-a", "hv-b", "hv-revoked"], revoked=["hv-revoked"])
         lab = _Lab(cluster)
         leaked, why, measured = run(lab, cluster, root)
-        refusals = [r for r in lab.audit.records if r.decision not in ("allow", "allowed", "accept", "ok", "success")]
+        refusals = [r for r in lab.audit.records if r.decision != Decision.ALLOW]
         stopped = leaked == 0
         return AttackResult(
             name,
@@ -403,7 +403,7 @@ class _Tee:
     def __init__(self, first: AuditSink, second: AuditSink | None) -> None:
         self.sinks = [first] if second is None else [first, second]
 
-    def record(self, event: str, decision: str, subject: str, detail: Detail | None = None) -> None:
+    def record(self, event: str, decision: Decision, subject: str, detail: Detail | None = None) -> None:
         for sink in self.sinks:
             sink.record(event, decision, subject, detail)
 

@@ -16,7 +16,7 @@ from typing import Protocol
 from secmig.monitor.monitor import TrafficMonitor
 from secmig.monitor.rules import RuleSet
 from secmig.monitor.samples import Action, TrafficSample, Verdict
-from secmig.security.audit import AuditSink
+from secmig.security.audit import AuditSink, Decision
 
 
 class Responder(Protocol):
@@ -87,9 +87,8 @@ def carry_out(
             "level": verdict.level.value,
         }
         detail.update(evidence)
-        audit.record(
-            f"monitor.{verdict.rule}", "allowed" if action is Action.CONTINUE else action.value, verdict.vm, detail
-        )
+        decision = Decision.ALLOW if action is Action.CONTINUE else Decision(action.value)
+        audit.record(f"monitor.{verdict.rule}", decision, verdict.vm, detail)
     return final
 
 

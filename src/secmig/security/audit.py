@@ -16,6 +16,7 @@ The module writes only to the database it is given; :class:`MemoryAuditSink` kee
 from __future__ import annotations
 
 import contextlib
+import enum
 import hashlib
 import os
 import sqlite3
@@ -59,10 +60,23 @@ CREATE TABLE IF NOT EXISTS audit_head (
 Detail = dict[str, str | int | float | bool | None]
 
 
-class AuditSink(Protocol):
-    """Where security decisions go. ``decision`` is ``allow``, ``refuse`` or ``info``."""
+class Decision(enum.StrEnum):
+    """What a security decision was: the audit log's ``decision`` column."""
 
-    def record(self, event: str, decision: str, subject: str, detail: Detail | None = None) -> None:
+    ALLOW = "allow"
+    REFUSE = "refuse"
+    INFO = "info"
+    """A fact worth keeping (an agent started, a VM released) that decided nothing."""
+    CHALLENGE = "challenge"
+    THROTTLE = "throttle"
+    ABORT = "abort"
+    DESTROY = "destroy"
+
+
+class AuditSink(Protocol):
+    """Where security decisions go."""
+
+    def record(self, event: str, decision: Decision, subject: str, detail: Detail | None = None) -> None:
         """Append one decision."""
         ...
 
@@ -87,7 +101,7 @@ class MemoryAuditSink:
         self.actor = actor
         self.records: list[AuditRecord] = []
 
-    def record(self, event: str, decision: str, subject: str, detail: Detail | None = None) -> None:
+    def record(self, event: str, decision: Decision, subject: str, detail: Detail | None = None) -> None:
         """Append one decision."""
         self.records.append(
             AuditRecord(len(self.records) + 1, time.time(), event, decision, self.actor, subject, dict(detail or {}))
@@ -179,7 +193,7 @@ class AuditLog:
             (log_id, seq, head_hash, raw_public_key(self._signer), signature),
         )
 
-    def record(self, event: str, decision: str, subject: str, detail: Detail | None = None) -> None:
+    def record(self, event: str, decision: Decision, subject: str, detail: Detail | None = None) -> None:
         """Append one decision and re-sign the head, atomically."""
         detail_text = canonical_json(detail or {}).decode()
         ts_us = time.time_ns() // 1000

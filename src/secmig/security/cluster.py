@@ -29,8 +29,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from secmig.errors import AuthenticationError, ConfigError, SecurityError
-from secmig.security.audit import AuditLog
+from secmig.errors import AuthenticationError, ConfigError, DocumentFormatError, SecurityError
+from secmig.security.audit import AuditLog, Decision
 from secmig.security.credentials import (
     LocationBinding,
     RevocationList,
@@ -43,7 +43,6 @@ from secmig.security.credentials import (
 )
 from secmig.security.encoding import (
     PUBLIC_KEY_BYTES,
-    DocumentFormatError,
     JsonObject,
     b64decode,
     b64encode,
@@ -187,7 +186,7 @@ class Cluster:
         _write_json(root / "revocations.json", RevocationList(cluster_id, 0, now_i, ()).signed_by(key).to_json())
         (root / "policy.yaml").write_text(Policy().to_yaml(), encoding="utf-8")
         cluster = cls(root)
-        cluster._audit("cluster.init", "allow", cluster_id, {"name": name, "authority": fingerprint(key)})
+        cluster._audit("cluster.init", Decision.ALLOW, cluster_id, {"name": name, "authority": fingerprint(key)})
         return cluster
 
     # -- reading ------------------------------------------------------------------------------------
@@ -273,7 +272,7 @@ class Cluster:
     # -- authority actions --------------------------------------------------------------------------
 
     def _audit(
-        self, event: str, decision: str, subject: str, detail: dict[str, str | int | float | bool | None]
+        self, event: str, decision: Decision, subject: str, detail: dict[str, str | int | float | bool | None]
     ) -> None:
         with AuditLog(self.root / "audit.db", self.authority_key(), actor=AUTHORITY) as log:
             log.record(event, decision, subject, detail)
@@ -290,7 +289,7 @@ class Cluster:
         d = self._host_dir(host_id)
         norm_macs = tuple(normalize_mac(m, f"--mac for {host_id}") for m in macs)
         if self.revocations().is_revoked(host_id):
-            self._audit("join", "refuse", host_id, {"reason": "revoked"})
+            self._audit("join", Decision.REFUSE, host_id, {"reason": "revoked"})
             raise AuthenticationError(f"host {host_id!r} is revoked in cluster {self.cluster_id}; it cannot rejoin")
         if d.exists():
             raise ConfigError(f"host {host_id!r} is already a member of cluster {self.cluster_id} ({d})")
@@ -310,7 +309,7 @@ class Cluster:
         _write_json(d / "vsignature.json", cred.to_json())
         self._audit(
             "join",
-            "allow",
+            Decision.ALLOW,
             host_id,
             {"macs": ",".join(norm_macs), "key": fingerprint(key), "expires_at": expires},
         )
@@ -328,7 +327,7 @@ class Cluster:
             self.cluster_id, rl.number + 1, now_i, (*rl.revoked, RevokedHost(host_id, now_i, reason))
         ).signed_by(self.authority_key())
         _write_json(self.root / "revocations.json", new.to_json())
-        self._audit("revoke", "allow", host_id, {"reason": reason, "list_number": new.number})
+        self._audit("revoke", Decision.ALLOW, host_id, {"reason": reason, "list_number": new.number})
         return new
 
     def add_operator(
@@ -351,7 +350,7 @@ class Cluster:
         (self.root / "policy.yaml").write_text(policy.to_yaml(), encoding="utf-8")
         self._audit(
             "operator.delegate",
-            "allow",
+            Decision.ALLOW,
             name,
             {
                 "operations": ",".join(sorted(o.value for o in operations)),
@@ -389,7 +388,7 @@ class Cluster:
             int(time.time() if now is None else now),
             issuer,
         ).signed_by(self.issuer_key(issuer))
-        self._audit("binding.issued", "allow", vm_id, {"host": host_id, "epoch": epoch, "issuer": issuer})
+        self._audit("binding.issued", Decision.ALLOW, vm_id, {"host": host_id, "epoch": epoch, "issuer": issuer})
         return binding
 
     def issue_grant(
@@ -442,7 +441,7 @@ class Cluster:
         ).signed_by(key)
         self._audit(
             "grant.issued",
-            "allow",
+            Decision.ALLOW,
             vm_id,
             {
                 "operation": operation.value,

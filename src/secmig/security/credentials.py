@@ -19,11 +19,10 @@ from dataclasses import dataclass, field, replace
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from secmig.errors import AuthenticationError, ConfigError
+from secmig.errors import AuthenticationError, ConfigError, DocumentFormatError
 from secmig.security.encoding import (
     PUBLIC_KEY_BYTES,
     SIGNATURE_BYTES,
-    DocumentFormatError,
     JsonObject,
     b64decode,
     b64encode,

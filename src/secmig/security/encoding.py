@@ -21,6 +21,8 @@ from typing import Any
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from secmig.errors import DocumentFormatError
+
 DOMAIN = b"secmig/v1\x00"
 """Prefix of every signing input; bump the version to invalidate every old signature at once."""
 
@@ -30,10 +32,6 @@ MAX_DOCUMENT_BYTES = 64 * 1024
 """Largest signed document we parse: a grant with its binding is well under 2 KiB."""
 
 JsonObject = dict[str, Any]
-
-
-class DocumentFormatError(ValueError):
-    """A document does not have the expected shape (wrapped by callers, never escapes the package)."""
 
 
 def canonical_json(obj: Mapping[str, Any]) -> bytes:

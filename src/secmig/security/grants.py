@@ -17,11 +17,10 @@ from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from secmig.errors import AuthenticationError, AuthorizationError
+from secmig.errors import AuthenticationError, AuthorizationError, DocumentFormatError
 from secmig.security.credentials import LocationBinding
 from secmig.security.encoding import (
     SIGNATURE_BYTES,
-    DocumentFormatError,
     JsonObject,
     b64decode,
     b64encode,

@@ -24,9 +24,9 @@ from typing import Any
 import yaml
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from secmig.errors import ConfigError
+from secmig.errors import ConfigError, DocumentFormatError
 from secmig.security.credentials import check_id
-from secmig.security.encoding import PUBLIC_KEY_BYTES, DocumentFormatError, b64decode, b64encode
+from secmig.security.encoding import PUBLIC_KEY_BYTES, b64decode, b64encode
 from secmig.security.keys import public_key_from_raw
 
 AUTHORITY = "authority"

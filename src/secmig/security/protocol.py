@@ -38,16 +38,16 @@ from collections.abc import Callable
 from secmig.errors import (
     AuthenticationError,
     AuthorizationError,
+    DocumentFormatError,
     LocalProtocolError,
     RemoteProtocolError,
     SecurityError,
 )
 from secmig.security import frames
-from secmig.security.audit import AuditSink, Detail
+from secmig.security.audit import AuditSink, Decision, Detail
 from secmig.security.cluster import ClusterTrust, HostIdentity
 from secmig.security.credentials import LocationBinding, Vsignature
 from secmig.security.encoding import (
-    DocumentFormatError,
     JsonObject,
     b64decode,
     b64encode,
@@ -317,7 +317,8 @@ class MigrationConnection:
                 abort_code = AbortCode(code)
             except ValueError:
                 abort_code = AbortCode.PROTOCOL
-            self._record("migration.aborted", "refuse", {"by": "peer", "code": abort_code.name, "reason": reason})
+            detail: Detail = {"by": "peer", "code": abort_code.name, "reason": reason}
+            self._record("migration.aborted", Decision.REFUSE, detail)
             return Aborted(abort_code, reason, by_peer=True)
         if ftype is FrameType.SOURCE_HELLO:
             return self._on_source_hello(payload)
@@ -357,7 +358,7 @@ class MigrationConnection:
             digest = frames.decode_digest(payload, "committed")
             if digest != self._commit_digest:
                 raise RemoteProtocolError("destination committed a memory digest other than the one sent")
-            self._record("migration.committed", "allow", {"peer": self.peer_host})
+            self._record("migration.committed", Decision.ALLOW, {"peer": self.peer_host})
             return Committed(digest)
         raise RemoteProtocolError(f"unexpected frame {ftype.name}")  # pragma: no cover - table forbids it
 
@@ -429,11 +430,11 @@ class MigrationConnection:
             self._check_authorization(trust, cred.host_id, operation, vm_id, grant, binding)
         except SecurityError as err:
             return self._refuse(AbortCode.AUTHORIZATION, "grant.refused", str(err), grant)
-        self._record("handshake.ok", "allow", {"peer": cred.host_id, "tls": self._tls.version()})
+        self._record("handshake.ok", Decision.ALLOW, {"peer": cred.host_id, "tls": self._tls.version()})
         assert grant is not None
         self._record(
             "grant.used",
-            "allow",
+            Decision.ALLOW,
             {
                 "operation": operation.value,
                 "source": cred.host_id,
@@ -508,7 +509,7 @@ class MigrationConnection:
                 raise AuthenticationError(f"destination is {cred.host_id!r}, the grant names {expected!r}")
         except AuthenticationError as err:
             return self._refuse(AbortCode.AUTHENTICATION, "handshake.failed", str(err))
-        self._record("handshake.ok", "allow", {"peer": cred.host_id, "tls": self._tls.version()})
+        self._record("handshake.ok", Decision.ALLOW, {"peer": cred.host_id, "tls": self._tls.version()})
         self.authorized = Authorized(
             cred.host_id,
             req.operation,
@@ -589,7 +590,7 @@ class MigrationConnection:
             auth = self.authorized
             if auth is not None and auth.next_binding is not None and self._bindings is not None:
                 self._bindings.record(auth.next_binding)
-            self._record("migration.committed", "allow", {"peer": self.peer_host})
+            self._record("migration.committed", Decision.ALLOW, {"peer": self.peer_host})
         else:  # pragma: no cover - typing forbids it
             raise LocalProtocolError(f"not a sendable event: {event!r}")
         return self._tls.outgoing()
@@ -630,7 +631,8 @@ class MigrationConnection:
         self.state = new
 
     def _send_abort(self, event: Abort) -> bytes:
-        self._record("migration.aborted", "refuse", {"by": "local", "code": event.code.name, "reason": event.reason})
+        detail: Detail = {"by": "local", "code": event.code.name, "reason": event.reason}
+        self._record("migration.aborted", Decision.REFUSE, detail)
         if self.state in ABORTABLE_AFTER_TLS:
             self._try_send_abort(event.code, event.reason)
         self.state = State.ABORTED
@@ -638,7 +640,7 @@ class MigrationConnection:
 
     # -- failure paths -------------------------------------------------------------------------------
 
-    def _record(self, event: str, decision: str, detail: Detail) -> None:
+    def _record(self, event: str, decision: Decision, detail: Detail) -> None:
         subject = self._subject or (self._request.vm_id if self._request else None) or self.peer_host or "?"
         self._audit.record(event, decision, subject, {"role": self.role.value, "host": self.identity.host_id, **detail})
 
@@ -654,7 +656,7 @@ class MigrationConnection:
         if grant is not None:
             detail["nonce"] = grant.nonce.hex()
             detail["operation"] = grant.operation.value
-        self._record(audit_event, "refuse", detail)
+        self._record(audit_event, Decision.REFUSE, detail)
         self._try_send_abort(code, reason)
         self.state = State.ABORTED
         return Aborted(code, reason, by_peer=False)
@@ -668,7 +670,7 @@ class MigrationConnection:
             code = AbortCode.AUTHENTICATION if before_auth else AbortCode.PROTOCOL
             self._record(
                 "handshake.failed" if before_auth else "migration.aborted",
-                "refuse",
+                Decision.REFUSE,
                 {"by": "peer", "reason": str(failure)},
             )
             self.state = State.ABORTED
@@ -676,7 +678,7 @@ class MigrationConnection:
         raise self._fail(RemoteProtocolError(str(failure)))
 
     def _fail(self, err: RemoteProtocolError) -> RemoteProtocolError:
-        self._record("protocol.error", "refuse", {"state": self.state.value, "reason": str(err)})
+        self._record("protocol.error", Decision.REFUSE, {"state": self.state.value, "reason": str(err)})
         self._try_send_abort(AbortCode.PROTOCOL, str(err))
         self.state = State.ERROR
         self._error = err
