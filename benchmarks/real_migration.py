@@ -35,16 +35,17 @@ from typing import Any
 import yaml
 
 from secmig.agent.control import ControlClient
+from secmig.agent.drivers.qemu import write_tls_dir
 from secmig.agent.qemu.guest import GuestParams, build_guest
 from secmig.agent.qemu.machine import MachineConfig, QemuMachine, choose_accel, find_qemu
 from secmig.agent.qemu.migration import MigrationSettings, migrate
-from secmig.agent.qemuhost import _write_tls_dir
 from secmig.errors import AgentUnavailable
 from secmig.model.units import parse_size
 from secmig.security import Cluster
 from secmig.security.credentials import LocationBinding
 from secmig.security.pki import certificate_pem
 from secmig.security.policy import Operation
+from secmig.yamlfile import read_yaml
 
 MiB = 1 << 20
 UNCAPPED = 100e9
@@ -75,7 +76,7 @@ async def _qemu_pair(args: argparse.Namespace, work: Path, tls: Cluster | None) 
         if tls is not None:
             ca = certificate_pem(tls.trust().ca_certificate)
             for machine, host, endpoint in ((src, "hv-a", "client"), (dst, "hv-b", "server")):
-                d = _write_tls_dir(tls.host_identity(host), ca, endpoint)
+                d = write_tls_dir(tls.host_identity(host), ca, endpoint)
                 dirs.append(d)
                 obj: dict[str, Any] = {"qom-type": "tls-creds-x509", "id": "tls0", "dir": str(d), "endpoint": endpoint}
                 if endpoint == "server":
@@ -101,7 +102,7 @@ async def _spawn(config: Path, log: Path) -> asyncio.subprocess.Process:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "secmig", "agent", "run", "--config", str(config), stdout=fh, stderr=fh
         )
-    client = ControlClient(Path(yaml.safe_load(config.read_text())["control_socket"]), timeout_s=5)
+    client = ControlClient(Path(read_yaml(config)["control_socket"]), timeout_s=5)
     for _ in range(400):
         try:
             await client.call("status")

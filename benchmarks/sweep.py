@@ -29,8 +29,9 @@ from pathlib import Path
 
 import yaml
 
-from secmig.results.sweep import MAX_CHUNK, Grid, _client, load_grid, run_point, run_sweep
 from secmig.sim.engine import SimulationSpec
+from secmig.sweep import MAX_CHUNK, Grid, load_grid, run_point, run_sweep
+from secmig.sweep.runner import _client
 
 BASE = """
 name: sweep-bench

@@ -19,4 +19,5 @@ fi
 python3 -m pip install -q -e '.[test]'
 python3 -m ruff check src tests benchmarks
 python3 -m mypy
+lint-imports
 python3 -m pytest -q "$@"

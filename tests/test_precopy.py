@@ -6,12 +6,17 @@ from secmig.errors import ConfigError, LocalProtocolError
 from secmig.migration import (
     AbortMigration,
     Finished,
+    Phase,
+    PostCopyMigration,
+    PostCopyPush,
     PreCopyMigration,
     SendRound,
     StopAndCopyMigration,
     StopAndCopyRound,
+    StopReason,
     policy_preset,
 )
+from secmig.migration.precopy import TRANSITIONS
 from secmig.model.analytic import PAGE_WIRE_BYTES, ZERO_PAGE_WIRE_BYTES
 
 GiB = 2**30
@@ -106,3 +111,38 @@ def test_unknown_policy_names_the_choices() -> None:
     """A typo in a policy name lists the presets."""
     with pytest.raises(ConfigError, match="qemu, xen, paper"):
         policy_preset("kvm")
+
+
+def test_every_phase_change_is_in_the_table() -> None:
+    """Each phase has a row; terminal phases go nowhere, so a finished migration cannot be aborted."""
+    assert set(TRANSITIONS) == set(Phase)
+    assert not TRANSITIONS[Phase.DONE] and not TRANSITIONS[Phase.ABORTED]
+    m = StopAndCopyMigration(GiB, GiB)
+    m.start(0.0)
+    m.stop_and_copy_done(1.0)
+    assert m.phase is Phase.DONE
+    with pytest.raises(LocalProtocolError, match="cannot become aborted"):
+        m.abort(2.0, "too late")
+    with pytest.raises(LocalProtocolError):
+        PreCopyMigration(GiB, GiB).push_done(0.0, 0.0)
+
+
+def test_hybrid_switch_is_told_by_its_stop_reason_not_its_text() -> None:
+    """The hybrid's switch carries StopReason.POSTCOPY; a converged stop finishes with CONVERGED."""
+    hybrid = PreCopyMigration(GiB, GiB, policy=policy_preset("xen"), postcopy_after_rounds=1)
+    hybrid.start(0.0)
+    switch = hybrid.round_done(10.0, 100_000)
+    assert isinstance(switch, StopAndCopyRound) and switch.stop is StopReason.POSTCOPY
+    push = hybrid.stop_and_copy_done(10.1)
+    assert isinstance(push, PostCopyPush) and hybrid.phase is Phase.POSTCOPY and push.pages == 100_000
+    end = hybrid.push_done(14.0, 12.0)
+    assert isinstance(end, Finished) and end.stop is StopReason.POSTCOPY and hybrid.phase is Phase.DONE
+    calm = PreCopyMigration(GiB, GiB, policy=policy_preset("xen"), postcopy_after_rounds=1)
+    calm.start(0.0)
+    stop = calm.round_done(10.0, 10)
+    assert isinstance(stop, StopAndCopyRound) and stop.stop is StopReason.CONVERGED
+    done = calm.stop_and_copy_done(10.1)
+    assert isinstance(done, Finished) and done.stop is StopReason.CONVERGED
+    post = PostCopyMigration(GiB, GiB)
+    assert post.start(0.0).stop is StopReason.POSTCOPY  # type: ignore[union-attr]
+    assert isinstance(post.stop_and_copy_done(0.01), PostCopyPush)

@@ -1,6 +1,7 @@
 """The simulator against the closed form, and the behaviours the issue pins down."""
 
 import math
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,23 @@ def test_uniform_dirtying_matches_the_closed_form(lam: float) -> None:
     assert r.total_time_s == pytest.approx(est.total_time_s, rel=0.02)
     assert r.bytes_sent == pytest.approx(est.total_bytes, rel=0.02)
     assert r.downtime_s == pytest.approx(est.downtime_s, rel=0.02)
+
+
+@pytest.mark.parametrize("lam", [0.1, 0.5, 0.9])
+def test_downtime_lies_within_one_check_period_of_qemus_periodic_rule(lam: float) -> None:
+    """QEMU checks only between 100 ms send periods: its downtime is known to one period, the rest to 1 %."""
+    ram = 4 * GiB
+    rate = lam * BW / PAGE_WIRE_BYTES
+    r = predict(ram_bytes=ram, used_bytes=3 * GiB, dirty_rate_pages_per_s=rate, working_set_bytes=ram,
+                pattern="uniform", bandwidth_bytes_per_s=BW, policy="qemu")
+    est = analytic.qemu_precopy(
+        ram, 3 * GiB, Uniform(rate, ram // 4096).dirty_pages, BW, 0.3, working_set_pages=ram // 4096,
+        whole_intervals=True,
+    )
+    assert r.total_time_s == pytest.approx(est.total_time_s, rel=0.01)
+    assert r.bytes_sent == pytest.approx(est.total_bytes, rel=0.01)
+    assert abs(r.downtime_s - est.downtime_s) <= 0.1 * PAGE_WIRE_BYTES / 4096
+    assert est.downtime_s <= 0.3 * PAGE_WIRE_BYTES / 4096
 
 
 @pytest.mark.parametrize("lam", [0.2, 0.4, 0.6])
@@ -163,3 +181,20 @@ def test_latency_is_paid_in_the_downtime_and_the_total() -> None:
     assert b.total_time_s - a.total_time_s == pytest.approx(0.05)
     assert b.downtime_s - a.downtime_s == pytest.approx(0.05)
     assert math.isfinite(b.total_time_s)
+
+
+def test_monitor_checks_credentials_at_simulated_time(tmp_path: Path) -> None:
+    """A grant's lifetime runs in simulated time: valid at t = 30 s of the run, expired at t = 120 s."""
+    from secmig.security.policy import Operation
+    from secmig.sim.monitoring import SimSecurity, new_cluster
+
+    cluster = new_cluster(tmp_path / "c", ["a", "b"])
+    security = SimSecurity(cluster)
+    binding = cluster.issue_binding("vm", "52:54:00:00:00:01", "a", 0, now=security.epoch_s)
+    security.bindings["vm"] = binding
+    security.grants[("vm", "a", "b")] = cluster.issue_grant(
+        Operation.MIGRATE, "vm", "a", "b", current_binding=binding, ttl_s=60, now=security.epoch_s
+    )
+    assert security.check_move("vm", "a", "b", 30.0)[0]
+    ok, why = security.check_move("vm", "a", "b", 120.0)
+    assert not ok and "expired" in why

@@ -187,16 +187,15 @@ async def spawn_agent(config: Path, log: Path) -> asyncio.subprocess.Process:
     """``secmig agent run --config`` in a child process; returns once its control socket answers."""
     import sys
 
-    import yaml
-
     from secmig.agent.control import ControlClient
     from secmig.errors import AgentUnavailable
+    from secmig.yamlfile import read_yaml
 
     with open(log, "ab") as fh:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "secmig", "agent", "run", "--config", str(config), stdout=fh, stderr=fh
         )
-    sock = Path(yaml.safe_load(config.read_text())["control_socket"])
+    sock = Path(read_yaml(config)["control_socket"])
     client = ControlClient(sock, timeout_s=5)
     for _ in range(300):
         if proc.returncode is not None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from agent_helpers import MIB, VM_MAC, agent_pair, audit_events, grant_for, run
 
-from secmig.agent.qemuhost import QemuVM
+from secmig.agent.drivers.qemu import QemuVM
 from secmig.errors import AuthorizationError
 from secmig.security import Cluster
 
@@ -48,6 +48,9 @@ def test_qemu_vm_migrates_and_runs_on(
             assert report.outcome == "completed" and report.data_plane == plane
             assert report.downtime_s is not None and 0 < report.downtime_s < 5
             assert report.payload_bytes > 16 * MIB  # at least the working set crossed
+            rounds = report.result.rounds  # QEMU's rounds, read from query-migrate, as the simulator reports them
+            assert len(rounds) == report.extra["qemu_dirty_sync_count"] and not rounds[-1].live
+            assert sum(r.bytes for r in rounds) == report.extra["qemu_transferred_bytes"]
             assert "q1" not in a.vms
             vm: QemuVM = b.vms["q1"].vm
             assert b.vms["q1"].binding is not None and b.vms["q1"].binding.epoch == 1

@@ -1,19 +1,25 @@
-"""Helpers for the security tests: a migration setup and a pre-copy driver (fixtures are in conftest.py).
+"""Helpers for the security tests: a migration setup, and pre-copy with the agents' one driver (fixtures: conftest.py).
 
 A uniquely named module, because ``from conftest import`` would be ambiguous across test folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+import numpy.typing as npt
+
+from secmig.agent.precopy_driver import LoopbackLink, PreCopySender, drive_sync
+from secmig.errors import MigrationError, SecurityError
+from secmig.migration import StopPolicy
 from secmig.security import (
     Cluster,
     Commit,
     Committed,
-    DeviceState,
     MemoryAuditSink,
     MemoryBindingRegistry,
     MemoryNonceStore,
@@ -22,12 +28,9 @@ from secmig.security import (
     Operation,
     PageBatch,
     Role,
-    RoundEnd,
-    RoundStart,
-    StopAndCopy,
-    memory_digest,
 )
 from secmig.security.credentials import LocationBinding
+from secmig.security.events import ReceivedEvent
 from secmig.security.grants import Grant
 from secmig.security.loopback import ConnectionPair, Tamper
 
@@ -94,6 +97,53 @@ class Setup:
         return ConnectionPair(source, destination, tamper=tamper)
 
 
+class _DirtyingGuest:
+    """A page source over ``memory`` whose seeded guest dirties pages during each live round.
+
+    Round 0 sends every page; at the end of round r the guest has written ``max(1, pages // (4 (r + 1)))``
+    random pages; once paused it writes nothing.
+    """
+
+    def __init__(self, memory: bytearray, page_size: int, seed: int) -> None:
+        self.memory = memory
+        self.page_size = page_size
+        self.page_count = len(memory) // page_size
+        self.rng = random.Random(seed)
+        self.dirty: set[int] = set()
+        self.rounds = 0
+        self.logging = False
+        self.paused = False
+
+    def nonzero_pages(self) -> npt.NDArray[np.intp]:
+        return np.arange(self.page_count, dtype=np.intp)
+
+    def sync_dirty(self) -> npt.NDArray[np.intp]:
+        if self.logging and not self.paused:
+            for _ in range(max(1, self.page_count // (4 * (self.rounds + 1)))):
+                n = self.rng.randrange(self.page_count)
+                off = n * self.page_size + self.rng.randrange(self.page_size - 8)
+                self.memory[off : off + 8] = self.rng.randbytes(8)
+                self.dirty.add(n)
+            self.rounds += 1
+        self.logging = True  # the first sync starts dirty logging
+        pages = np.array(sorted(self.dirty), dtype=np.intp)
+        self.dirty.clear()
+        return pages
+
+    def read_pages(self, pages: npt.NDArray[np.intp]) -> bytes:
+        size = self.page_size
+        return b"".join(self.memory[n * size : (n + 1) * size] for n in pages.tolist())
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def device_state(self) -> bytes:
+        return b"cpu-and-devices"
+
+
 def run_precopy(
     pair: ConnectionPair,
     memory: bytearray,
@@ -103,48 +153,22 @@ def run_precopy(
     seed: int = 1,
     batch_pages: int = 16,
 ) -> bytearray:
-    """Migrate ``memory`` with pre-copy while a seeded 'guest' keeps dirtying it; returns the destination's copy."""
-    rng = random.Random(seed)
-    page_count = len(memory) // page_size
+    """Migrate ``memory`` with pre-copy while a seeded 'guest' keeps dirtying it; returns the destination's copy.
+
+    The agents' pre-copy driver runs over the in-memory link, with a policy of exactly ``rounds`` live rounds.
+    """
     dest = bytearray(len(memory))
-    dirty = set(range(page_count))
 
-    def apply(events: Sequence[object]) -> None:
-        for ev in events:
-            if isinstance(ev, PageBatch):
-                mv = memoryview(ev.data)
-                for i, n in enumerate(ev.page_numbers):
-                    dest[n * page_size : (n + 1) * page_size] = mv[i * page_size : (i + 1) * page_size]
+    def destination_end(event: ReceivedEvent) -> None:
+        if isinstance(event, PageBatch):
+            mv = memoryview(event.data)
+            for i, n in enumerate(event.page_numbers):
+                dest[n * page_size : (n + 1) * page_size] = mv[i * page_size : (i + 1) * page_size]
+        elif isinstance(event, Commit):
+            pair.send(Role.DESTINATION, Committed())
 
-    def send_dirty(round_no: int) -> None:
-        pages = sorted(dirty)
-        dirty.clear()
-        for k in range(0, len(pages), batch_pages):
-            chunk = pages[k : k + batch_pages]
-            data = b"".join(memory[n * page_size : (n + 1) * page_size] for n in chunk)
-            pair.send(Role.SOURCE, PageBatch(round_no, tuple(chunk), data))
-            apply(pair.pump())
-
-    def guest_writes(n_pages: int) -> None:
-        for _ in range(n_pages):
-            n = rng.randrange(page_count)
-            off = n * page_size + rng.randrange(page_size - 8)
-            memory[off : off + 8] = rng.randbytes(8)
-            dirty.add(n)
-
-    for r in range(rounds):
-        pair.send(Role.SOURCE, RoundStart(r))
-        send_dirty(r)
-        guest_writes(max(1, page_count // (4 * (r + 1))))
-        pair.send(Role.SOURCE, RoundEnd(r))
-        apply(pair.pump())
-    pair.send(Role.SOURCE, StopAndCopy())
-    send_dirty(pair.source.current_round)
-    pair.send(Role.SOURCE, DeviceState(b"cpu-and-devices"))
-    pair.send(Role.SOURCE, Commit(memory_digest(memory, page_size)))
-    events = pair.pump()
-    apply(events)
-    if any(isinstance(e, Commit) for e in events):
-        pair.send(Role.DESTINATION, Committed())
-        pair.pump()
+    policy = StopPolicy(name=f"{rounds} rounds", max_rounds=rounds, on_nonconvergence="force")
+    sender = PreCopySender(_DirtyingGuest(memory, page_size, seed), policy, batch_pages=batch_pages)
+    with contextlib.suppress(MigrationError, SecurityError):  # a refused commit: the source keeps its VM
+        drive_sync(sender, LoopbackLink(pair, destination_end))
     return dest

@@ -257,3 +257,60 @@ def test_memory_digest_mismatch_aborts(setup: Setup) -> None:
     assert aborted and aborted[0].code.name == "INTEGRITY"
     assert pair.destination.state is State.ABORTED
     assert not any(isinstance(e, Committed) for e in pair.events[Role.SOURCE])
+
+
+def test_frame_reader_refuses_a_frame_over_its_cap() -> None:
+    """A header announcing more than the reader's cap is refused before any payload is buffered; the cap passes."""
+    reader = frames.FrameReader(max_payload_bytes=100)
+    assert reader.max_buffered_bytes == frames.HEADER_BYTES + 100
+    reader.feed(frames.HEADER.pack(FrameType.DEVICE_STATE, 100) + bytes(100))
+    assert reader.next_frame() == (FrameType.DEVICE_STATE, bytearray(100))
+    reader.feed(frames.HEADER.pack(FrameType.DEVICE_STATE, 101) + bytes(101))
+    with pytest.raises(RemoteProtocolError, match="exceeds the cap"):
+        reader.next_frame()
+    pulled = frames.FrameReader(max_payload_bytes=100)
+    wire = memoryview(frames.HEADER.pack(FrameType.DEVICE_STATE, 101))
+
+    def recv_into(view: memoryview) -> int:
+        nonlocal wire
+        n = min(len(view), len(wire))
+        view[:n], wire = wire[:n], wire[n:]
+        return n
+
+    with pytest.raises(RemoteProtocolError, match="exceeds the cap"):
+        pulled.read_from(recv_into)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 64), max_size=40), payloads=st.lists(st.binary(max_size=80), min_size=1, max_size=4)
+)
+def test_frame_reader_reassembles_any_chunking(cuts: list[int], payloads: list[bytes]) -> None:
+    """Frames cut into arbitrary chunks (empty payloads included) come out whole and in order."""
+    wire = b"".join(frames.encode_frame(FrameType.DEVICE_STATE, p) for p in payloads)
+    reader = frames.FrameReader()
+    got: list[bytes] = []
+    pos = 0
+    for size in [*cuts, len(wire)]:
+        reader.feed(wire[pos : pos + size])
+        pos += size
+        while (frame := reader.next_frame()) is not None:
+            got.append(bytes(frame[1]))
+    assert got == payloads
+
+
+def test_frame_encoders_raise_local_protocol_error() -> None:
+    """A frame this end cannot encode is this end's bug: LocalProtocolError, never ValueError or struct.error."""
+    bad: list[Callable[[], object]] = [
+        lambda: frames.encode_frame(FrameType.DEVICE_STATE, bytes(frames.MAX_FRAME_PAYLOAD + 1)),
+        lambda: frames.encode_page_batch(0, (1, 2), bytes(PAGE), PAGE),
+        lambda: frames.encode_page_batch(0, (1,), bytes(PAGE), PAGE, digests=b"short"),
+        lambda: frames.encode_page_batch(2**32, (1,), bytes(PAGE), PAGE),
+        lambda: frames.encode_u32(2**32),
+        lambda: frames.encode_round_end(-1, 0),
+        lambda: frames.encode_abort(256, "x"),
+        lambda: frames.memory_digest(bytes(PAGE + 1), PAGE),
+    ]
+    for encode in bad:
+        with pytest.raises(LocalProtocolError):
+            encode()

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from secmig.cli import main
-from secmig.results.sweep import FIGURES, load_grid, read_points, run_point, run_sweep
+from secmig.sweep import FIGURES, load_grid, read_points, run_point, run_sweep
 
 KILL_AFTER = 40
 """Points that must have landed before the first run is killed (of 200, at about 15 ms each on one worker)."""

@@ -6,11 +6,10 @@ import math
 from pathlib import Path
 
 import pytest
-import yaml
 
 from secmig.cli import main
 from secmig.errors import ConfigError
-from secmig.results.sweep import (
+from secmig.sweep import (
     PointResult,
     PointRow,
     aggregate,
@@ -20,6 +19,7 @@ from secmig.results.sweep import (
     parse_path,
     set_path,
 )
+from secmig.yamlfile import read_yaml
 
 
 def test_parse_path_reads_names_indexes_and_selectors() -> None:
@@ -81,7 +81,7 @@ def test_keys_change_with_the_base_scenario_not_with_its_comments(sweep_dir: Pat
 
 def test_seeds_count_list_and_default(sweep_dir: Path) -> None:
     """``seeds: N`` is 0 … N-1, a list is taken as is, and without it the scenario's own seed is used."""
-    base = yaml.safe_load((sweep_dir / "base.yaml").read_text()) | {"seed": 9}
+    base = read_yaml(sweep_dir / "base.yaml") | {"seed": 9}
     assert parse_grid({"scenario": base, "seeds": 3}, "g.yaml", sweep_dir).seeds == (0, 1, 2)
     assert parse_grid({"scenario": base, "seeds": [7, 11]}, "g.yaml", sweep_dir).seeds == (7, 11)
     grid = parse_grid({"scenario": base}, "g.yaml", sweep_dir)
@@ -147,7 +147,7 @@ def test_aggregate_and_heatmap_average_over_seeds(sweep_dir: Path) -> None:
 
 def test_chunks_are_small_and_leave_every_worker_several() -> None:
     """Points per task: 1 for tiny sweeps, at most 16, and at least 8 tasks per worker when possible."""
-    from secmig.results.sweep import MAX_CHUNK, chunk_size
+    from secmig.sweep import MAX_CHUNK, chunk_size
 
     assert chunk_size(5, 2) == 1
     assert chunk_size(200, 1) == MAX_CHUNK == 16

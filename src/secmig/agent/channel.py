@@ -93,10 +93,6 @@ class SecureChannel:
         self.runstate = Runstate.CLOSED
         self.logger.debug("closed: %d bytes in, %d bytes out", self.bytes_in, self.bytes_out)
 
-    def abort_transport(self) -> None:
-        """Drop the TCP connection at once, without a goodbye (for faults and shutdown)."""
-        self._writer.transport.abort()
-
     # -- bytes ----------------------------------------------------------------------------------------
 
     async def _write(self, data: bytes) -> None:

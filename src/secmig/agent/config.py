@@ -166,9 +166,10 @@ class HostConfig(_Section):
             known = ", ".join(sorted(self.peers)) or "none"
             raise ConfigError(f"host {host_id!r} is not in peers of {self.host_id} (known: {known})") from None
 
-    @property
-    def qemu_tls_port(self) -> int:
-        return self.qemu.tls_port or self.listen_address[1] + 1
+    def qemu_tls_port(self, listen_port: int | None = None) -> int:
+        """Where this host's QEMU listens for ``qemu-tls`` migrations: ``qemu.tls_port``, else the agent's
+        migration port + 1 (``listen_port``: the port actually bound, when ``listen`` says 0)."""
+        return self.qemu.tls_port or (listen_port or self.listen_address[1]) + 1
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:

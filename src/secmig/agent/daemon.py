@@ -22,17 +22,18 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from secmig.agent.channel import SecureChannel
-from secmig.agent.config import HostConfig
-from secmig.agent.memmigrate import SendSettings, receive_memory_vm, send_memory_vm
-from secmig.agent.memvm import MemoryVM, VMState, WorkloadSpec
+from secmig.agent.config import HostConfig, parse_address
+from secmig.agent.driver import DriverContext, DriverRegistry, SendRequest, VMDriver
+from secmig.agent.drivers import default_drivers
+from secmig.agent.manifest import Manifest, receive_manifest, send_manifest
 from secmig.agent.monitoring import MonitorHook, RulesMonitor
 from secmig.agent.report import MigrationHandle, MigrationReport
+from secmig.agent.vocab import DataPlane, DriverKind, parse_data_plane, parse_driver
 from secmig.errors import (
     AgentError,
     ChannelClosed,
@@ -45,16 +46,14 @@ from secmig.errors import (
     StateError,
     VMNotFound,
 )
-from secmig.migration import policy_preset
-from secmig.model.units import PAGE_SIZE
 from secmig.monitor import load_rules
 from secmig.security.audit import AuditLog, Decision
 from secmig.security.cluster import Cluster, ClusterTrust, HostIdentity
 from secmig.security.credentials import LocationBinding
-from secmig.security.events import Authorized, MigrationRequest
+from secmig.security.events import Abort, AbortCode, Authorized, MigrationRequest, Role
 from secmig.security.grants import Grant
 from secmig.security.location import verify_location
-from secmig.security.policy import Operation, parse_operation
+from secmig.security.policy import parse_operation
 from secmig.security.protocol import MigrationConnection
 from secmig.security.store import SqliteHostState
 
@@ -74,19 +73,19 @@ class AgentState(enum.Enum):
 
 @dataclass
 class VMEntry:
-    """A VM this host runs (or stores, after a copy), with its location binding."""
+    """A VM this host runs (or stores, after a copy), with its driver and location binding."""
 
     name: str
-    driver: str
+    driver: VMDriver[Any]
     vm: Any
-    """A :class:`MemoryVM` or a :class:`secmig.agent.qemuvm.QemuVM`."""
+    """The driver's VM object (a :class:`~secmig.agent.memvm.MemoryVM`, a QEMU VM, …)."""
     binding: LocationBinding | None
     stored: bool = False
     handle: MigrationHandle | None = None
     history: list[str] = field(default_factory=list)
 
     def describe(self) -> dict[str, Any]:
-        row: dict[str, Any] = dict(self.vm.describe())
+        row: dict[str, Any] = dict(self.driver.describe(self.vm))
         if self.stored:
             row["state"] = "stored"
         if self.handle is not None:
@@ -141,7 +140,7 @@ class Agent:
         self._monitor_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self._conn_ids = itertools.count(1)
-        self._qemu: Any = None  # secmig.agent.qemuhost.QemuHost, created on first use
+        self._drivers: DriverRegistry | None = None
         self._t0 = time.monotonic()
 
     # -- lifecycle ------------------------------------------------------------------------------------
@@ -172,6 +171,18 @@ class Agent:
             self.trust()  # fail now, not at the first handshake, on unreadable trust material
             self.audit = AuditLog(cfg.state_dir / "audit.db", self.identity.key, actor=cfg.host_id)
             self._host_state = SqliteHostState(cfg.state_dir / "state.db")
+            self._drivers = DriverRegistry(
+                DriverContext(
+                    cfg.host_id,
+                    self.logger,
+                    self.audit,
+                    cfg,
+                    self.identity,
+                    self.trust,
+                    lambda: self.address[1],
+                ),
+                default_drivers(),
+            )
             if self._monitor_override is not None:
                 self.monitor = self._monitor_override
             elif cfg.monitor.enabled:
@@ -253,8 +264,8 @@ class Agent:
         with contextlib.suppress(OSError):
             if self._control is not None:
                 self.config.control_socket.unlink()
-        if self._qemu is not None:
-            await self._qemu.close()
+        if self._drivers is not None:
+            await self._drivers.close()
         if self._host_state is not None:
             self._host_state.close()
         if self.audit is not None:
@@ -296,6 +307,12 @@ class Agent:
         """Every VM on this host."""
         return [e.describe() for e in sorted(self.vms.values(), key=lambda e: e.name)]
 
+    def driver(self, kind: DriverKind) -> VMDriver[Any]:
+        """This host's driver of ``kind`` (created on first use: in-memory hosts never load QEMU's)."""
+        if self._drivers is None:
+            raise StateError(f"agent {self.host_id} is {self.state.value}")
+        return self._drivers.get(kind)
+
     async def start_vm(self, name: str, driver: str, spec: dict[str, Any], binding: Any = None) -> dict[str, Any]:
         """Start a VM here: ``memory`` (the embedded default) or ``qemu`` (the reference guest)."""
         self._need_running()
@@ -304,25 +321,17 @@ class Agent:
         bound = _binding(binding)
         if bound is not None and (bound.vm_id != name or bound.host_id != self.host_id):
             raise ConfigError(f"binding places VM {bound.vm_id!r} on {bound.host_id!r}, not {name!r} here")
-        vm: Any
-        if driver == "memory":
-            vm = MemoryVM(name, WorkloadSpec.from_json(spec))
-            vm.start()
-        elif driver == "qemu":
-            vm = await self.qemu_host().start_vm(name, spec)
-        else:
-            raise ConfigError(f"driver {driver!r}: give memory or qemu")
-        entry = VMEntry(name, driver, vm, bound)
+        kind = parse_driver(driver)
+        drv = self.driver(kind)
+        vm = await drv.start(name, spec)
+        entry = VMEntry(name, drv, vm, bound)
         self.vms[name] = entry
         assert self.audit is not None
-        self.audit.record("vm.started", Decision.INFO, name, {"driver": driver, "bound": bound is not None})
+        self.audit.record("vm.started", Decision.INFO, name, {"driver": kind.value, "bound": bound is not None})
         return entry.describe()
 
     async def _stop_vm(self, entry: VMEntry) -> None:
-        if entry.driver == "memory":
-            entry.vm.stop()
-        else:
-            await entry.vm.shutdown()
+        await entry.driver.stop(entry.vm)
 
     async def stop_vm(self, name: str) -> dict[str, Any]:
         """Stop a VM and forget it (its memory is wiped)."""
@@ -337,10 +346,7 @@ class Agent:
         entry = self.vms.pop(name, None)
         if entry is None:
             return
-        if entry.driver == "memory":
-            entry.vm.destroy()
-        else:
-            await entry.vm.destroy()
+        await entry.driver.destroy(entry.vm)
         assert self.audit is not None
         self.audit.record(event, Decision.INFO if event == "vm.stopped" else Decision.DESTROY, name, {"reason": reason})
         if self.monitor is not None:
@@ -362,7 +368,7 @@ class Agent:
         if handle is not None and handle.peer is not None and trust.revocations.is_revoked(handle.peer):
             return False, f"peer {handle.peer} is revoked"
         entry = self.vms.get(vm)
-        if entry is not None and handle is not None and handle.role == "source":
+        if entry is not None and handle is not None and handle.role is Role.SOURCE:
             b = entry.binding
             verdict = verify_location(b, trust.roots(), vm_id=vm, vm_mac=b.vm_mac if b else "", host_id=self.host_id)
             if not verdict.ok:
@@ -426,13 +432,6 @@ class Agent:
 
     # -- outgoing migrations ------------------------------------------------------------------------------
 
-    def send_settings(self, downtime_limit_s: float | None = None) -> SendSettings:
-        m = self.config.migration
-        policy = policy_preset(m.policy).with_overrides(
-            downtime_limit_s=downtime_limit_s or m.downtime_limit, max_time_s=m.max_time
-        )
-        return SendSettings(policy, m.batch_pages, m.max_bandwidth, m.verify_memory)
-
     async def open_channel(
         self, request: MigrationRequest, to: str, address: tuple[str, int] | None, handle: MigrationHandle
     ) -> tuple[SecureChannel, Authorized]:
@@ -477,19 +476,18 @@ class Agent:
             raise StateError(f"VM {name!r} is a stored image here, not a running VM")
         if entry.handle is not None:
             raise StateError(f"VM {name!r} is already migrating")
-        handle = MigrationHandle(name, "source", to)
-        self._track(handle, entry.vm.ram_bytes)
+        handle = MigrationHandle(name, Role.SOURCE, to)
+        self._track(handle, entry.driver.ram_bytes(entry.vm))
         entry.handle = handle
         task = asyncio.current_task()
         if task is not None:  # so that stop() waits for this migration to unwind
             self._tasks.add(task)
         try:
-            if entry.driver == "memory":
-                report = await self._migrate_memory(entry, to, op, _grant(grant), address, handle, downtime_limit_s)
-            else:
-                report = await self.qemu_host().migrate(
-                    self, entry, to, op, _grant(grant), address, handle, data_plane, downtime_limit_s
-                )
+            target = address or self.config.peer_address(to)
+            plane = parse_data_plane(data_plane) if entry.driver.kind is DriverKind.QEMU else DataPlane.CHANNEL
+            request = SendRequest(op, to, target, plane, downtime_limit_s)
+            entry.driver.check_send(entry.vm, request)
+            report = await self._send(entry, request, _grant(grant), handle)
         except RemoteProtocolError as err:
             assert self.audit is not None
             self.audit.record("migration.failed", Decision.REFUSE, name, {"to": to, "reason": str(err)[:300]})
@@ -516,38 +514,37 @@ class Agent:
         )
         return report
 
-    async def _migrate_memory(
-        self,
-        entry: VMEntry,
-        to: str,
-        op: Operation,
-        grant: Grant | None,
-        address: tuple[str, int] | None,
-        handle: MigrationHandle,
-        downtime_limit_s: float | None,
+    async def _send(
+        self, entry: VMEntry, request: SendRequest, grant: Grant | None, handle: MigrationHandle
     ) -> MigrationReport:
-        vm: MemoryVM = entry.vm
-        if vm.state is not VMState.RUNNING:
-            raise StateError(f"VM {entry.name!r} is {vm.state.value}, not running")
-        request = MigrationRequest(op, entry.name, PAGE_SIZE, vm.spec.page_count, grant, entry.binding)
-        channel, auth = await self.open_channel(request, to, address, handle)
+        """Handshake, manifest, the driver's transfer, then the source side of the commit (here, once)."""
+        drv = entry.driver
+        page_size, page_count = drv.geometry(entry.vm)
+        mig = MigrationRequest(request.operation, entry.name, page_size, page_count, grant, entry.binding)
+        channel, auth = await self.open_channel(mig, request.destination, request.destination_address, handle)
         try:
-            report = await send_memory_vm(
-                vm, channel, auth, handle, self.send_settings(downtime_limit_s), channel.logger, source=self.host_id
+            await send_manifest(
+                channel, Manifest(drv.kind, request.data_plane, drv.manifest(entry.vm, request)), page_size
             )
+            report = await drv.send(entry.vm, channel, auth, handle, request)
         except ChannelClosed as err:
-            raise MigrationAborted(f"connection to {to} lost: {err}") from err
+            raise MigrationAborted(f"connection to {request.destination} lost: {err}") from err
         finally:
             await channel.close()
-        if op.relocates:
-            # The destination has it: release ours (wiped, so no copy stays behind).
-            self.vms.pop(entry.name, None)
-            vm.destroy()
-            assert self.audit is not None
-            self.audit.record("vm.released", Decision.INFO, entry.name, {"to": to})
-        else:
-            vm.resume()
+        await self._after_commit_source(entry, request)
         return report
+
+    async def _after_commit_source(self, entry: VMEntry, request: SendRequest) -> None:
+        """COMMITTED is in: a relocated VM is released here (wiped), a copied one runs on."""
+        if request.operation.relocates:
+            self.vms.pop(entry.name, None)
+            await entry.driver.destroy(entry.vm)
+            assert self.audit is not None
+            self.audit.record(
+                "vm.released", Decision.INFO, entry.name, {"to": request.destination, "driver": entry.driver.kind.value}
+            )
+        else:
+            await entry.driver.resume(entry.vm)
 
     # -- incoming migrations ----------------------------------------------------------------------------
 
@@ -576,20 +573,13 @@ class Agent:
             log.info("%s of %s from %s authorized", auth.operation.value, auth.vm_id, auth.peer_host)
             if auth.vm_id in self.vms or auth.vm_id in self.migrations:
                 raise StateError(f"VM {auth.vm_id!r} already exists on {self.host_id}")
-            handle = MigrationHandle(auth.vm_id, "destination", auth.peer_host)
+            handle = MigrationHandle(auth.vm_id, Role.DESTINATION, auth.peer_host)
             self._track(handle, auth.page_size * auth.page_count)
-            if auth.page_size == PAGE_SIZE:
-                await receive_memory_vm(
-                    channel,
-                    auth,
-                    handle,
-                    self._installer(auth),
-                    log,
-                    verify_memory=self.config.migration.verify_memory,
-                    timeout_s=self.config.migration.idle_timeout,
-                )
-            else:
-                await self.qemu_host().receive(self, channel, auth, handle, log)
+            manifest = await receive_manifest(channel, self.config.migration.idle_timeout)
+            assert self._drivers is not None
+            drv = self._drivers.lookup(manifest.driver)
+            vm = await drv.receive(channel, auth, handle, manifest)
+            self.install_vm(auth, drv, vm)
             self.stats["payload_bytes_received"] += handle.bytes
         except asyncio.CancelledError:
             log.info("cancelled: incoming migration discarded")
@@ -599,6 +589,8 @@ class Agent:
             if handle is not None:
                 self.stats["payload_bytes_received"] += handle.bytes
             log.warning("incoming migration dropped: %s", err)
+            with contextlib.suppress(Exception):  # the driver may have said so already
+                await channel.send(Abort(str(err)[:300] or type(err).__name__, AbortCode.REQUESTED))
             with contextlib.suppress(SecmigError):
                 subject = handle.vm if handle else str(peer)
                 self.audit.record("migration.discarded", Decision.REFUSE, subject, {"reason": str(err)[:300]})
@@ -609,16 +601,9 @@ class Agent:
                     await self.destroy_vm(handle.vm, handle.abort_reason or "destroy requested")
             await channel.close()
 
-    def _installer(self, auth: Authorized) -> Callable[[MemoryVM], Awaitable[None]]:
-        async def install(vm: MemoryVM) -> None:
-            self.install_vm(auth, "memory", vm)
-            if auth.operation.relocates:
-                vm.start()
-
-        return install
-
-    def install_vm(self, auth: Authorized, driver: str, vm: Any) -> None:
-        """Register a received VM: running with its new binding when relocated, else a stored image."""
+    def install_vm(self, auth: Authorized, driver: VMDriver[Any], vm: Any) -> None:
+        """COMMITTED is sent: register the received VM, running with its new binding when relocated, else a
+        stored image (the destination side of the commit, here once for every driver)."""
         entry = VMEntry(auth.vm_id, driver, vm, auth.next_binding, stored=not auth.operation.relocates)
         self.vms[auth.vm_id] = entry
         assert self.audit is not None
@@ -628,16 +613,6 @@ class Agent:
             auth.vm_id,
             {"from": auth.peer_host, "operation": auth.operation.value, "stored": entry.stored},
         )
-
-    # -- QEMU ---------------------------------------------------------------------------------------------
-
-    def qemu_host(self) -> Any:
-        """This host's QEMU driver (imported on first use: in-memory hosts never load it)."""
-        if self._qemu is None:
-            from secmig.agent.qemuhost import QemuHost
-
-            self._qemu = QemuHost(self.config, self.logger.getChild("qemu"))
-        return self._qemu
 
     # -- control API ------------------------------------------------------------------------------------
 
@@ -693,11 +668,7 @@ class Agent:
         if op == "vm.binding":
             return self.binding_of(args["name"])
         if op == "migrate":
-            address = None
-            if args.get("address"):
-                from secmig.agent.config import parse_address
-
-                address = parse_address(str(args["address"]))
+            address = parse_address(str(args["address"])) if args.get("address") else None
             report = await self.migrate(
                 args["name"],
                 args["to"],
@@ -712,8 +683,3 @@ class Agent:
             self._stopped.set()
             return {"stopping": True}
         raise AgentError(f"unknown control request {op!r}")
-
-
-def config_paths(config: HostConfig) -> dict[str, Path]:
-    """Files the agent writes (for ``secmig agent run`` to print)."""
-    return {"audit": config.state_dir / "audit.db", "state": config.state_dir / "state.db"}

@@ -6,7 +6,8 @@ bitmap *after* writing it, so a page synced and then read by the migration is ei
 or marked again for the next round (the same guarantee KVM's write-protection gives QEMU). ``pause``
 returns only when no write is in flight, so the stop-and-copy reads a frozen memory.
 
-Nothing here knows about sockets or the protocol; :mod:`secmig.agent.memmigrate` drives it.
+Nothing here knows about sockets or the protocol; :mod:`secmig.agent.drivers.memory` drives it (it is a
+:class:`~secmig.agent.precopy_driver.PageSource`).
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ class MemoryVM:
     @property
     def ram_bytes(self) -> int:
         return self.spec.ram_bytes
+
+    @property
+    def page_count(self) -> int:
+        return self.spec.page_count
 
     @property
     def running(self) -> bool:

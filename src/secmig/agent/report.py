@@ -1,8 +1,9 @@
 """What one real migration did, and the handle through which the monitor or an operator can stop it.
 
-:class:`MigrationReport` is what ``secmig migrate`` prints and tests assert on; :class:`MigrationHandle`
-is the live side: byte counters the monitor samples, and ``request_abort`` which the sending loop
-checks between page batches. No I/O.
+:class:`MigrationReport` is what ``secmig migrate`` prints and tests assert on: the shared
+:class:`~secmig.migration.result.MigrationResult` (rounds included) with what only a real migration has.
+:class:`MigrationHandle` is the live side: byte counters the monitor samples, and ``request_abort``
+which the sending loop checks between page batches. No I/O.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from secmig.errors import MigrationAborted
+from secmig.migration import RoundRecord
+from secmig.migration.result import MigrationResult
+from secmig.security.events import Role
 
 _FLOW_IDS = itertools.count(1)
 Figure = float | int | str | bool | None
@@ -20,40 +24,120 @@ Figure = float | int | str | bool | None
 
 @dataclass(frozen=True, slots=True)
 class MigrationReport:
-    """One migration, seen from the source. Times in seconds of wall time, bytes on the wire."""
+    """One real migration, seen from the source: the shared :class:`MigrationResult` and what only a real
+    migration has (the operation, the driver and data plane, bytes on the wire, the committed digest).
 
-    vm: str
-    source: str
-    destination: str
+    Times in seconds of wall time. ``to_json`` is flat (what ``secmig migrate`` prints); ``round_log``
+    holds the result's rounds.
+    """
+
+    result: MigrationResult
     operation: str
     driver: str
     data_plane: str
-    outcome: str
-    """``completed`` (the destination has it) or ``aborted`` (the VM still runs on its source)."""
-    reason: str
-    total_time_s: float
-    downtime_s: float | None
-    """From the VM's pause on the source to the destination's COMMITTED (None when aborted)."""
     wire_bytes: int
     """Bytes the source put on the authenticated channel (TLS records included)."""
     payload_bytes: int
-    """Memory (in-memory VMs) or QEMU migration stream (relay) bytes carried."""
-    rounds: int
+    """Memory (in-memory VMs) or QEMU migration stream bytes carried."""
     memory_digest: str | None = None
     extra: dict[str, Figure] = field(default_factory=dict)
+    """Driver-specific measurements (QEMU's own figures, guest writes, …)."""
+
+    @property
+    def vm(self) -> str:
+        return self.result.vm
+
+    @property
+    def source(self) -> str:
+        return self.result.source
+
+    @property
+    def destination(self) -> str:
+        return self.result.destination
+
+    @property
+    def outcome(self) -> str:
+        """``completed`` (the destination has it) or ``aborted`` (the VM still runs on its source)."""
+        return self.result.outcome
+
+    @property
+    def reason(self) -> str:
+        return self.result.stop_reason
+
+    @property
+    def total_time_s(self) -> float:
+        return self.result.total_time_s
+
+    @property
+    def downtime_s(self) -> float | None:
+        """From the VM's pause on the source to the destination's COMMITTED (None unless completed)."""
+        return self.result.downtime_s if self.result.outcome == "completed" else None
+
+    @property
+    def rounds(self) -> int:
+        """Rounds, the stop-and-copy included."""
+        return len(self.result.rounds)
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        r = self.result
+        return {
+            "vm": r.vm,
+            "source": r.source,
+            "destination": r.destination,
+            "operation": self.operation,
+            "driver": self.driver,
+            "data_plane": self.data_plane,
+            "outcome": r.outcome,
+            "reason": r.stop_reason,
+            "total_time_s": r.total_time_s,
+            "downtime_s": self.downtime_s,
+            "wire_bytes": self.wire_bytes,
+            "payload_bytes": self.payload_bytes,
+            "rounds": self.rounds,
+            "memory_digest": self.memory_digest,
+            "extra": dict(self.extra),
+            "strategy": r.strategy,
+            "policy": r.policy,
+            "converged": r.converged,
+            "start_s": r.start_s,
+            "end_s": r.end_s,
+            "round_log": [asdict(x) for x in r.rounds],
+            "result_extra": dict(r.extra),
+        }
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> MigrationReport:
-        return cls(**doc)
+        result = MigrationResult(
+            vm=doc["vm"],
+            source=doc["source"],
+            destination=doc["destination"],
+            strategy=doc["strategy"],
+            policy=doc["policy"],
+            start_s=doc["start_s"],
+            end_s=doc["end_s"],
+            downtime_s=doc["downtime_s"] or 0.0,
+            converged=doc["converged"],
+            stop_reason=doc["reason"],
+            outcome=doc["outcome"],
+            rounds=tuple(RoundRecord(**x) for x in doc["round_log"]),
+            extra=dict(doc.get("result_extra", {})),
+        )
+        return cls(
+            result,
+            doc["operation"],
+            doc["driver"],
+            doc["data_plane"],
+            doc["wire_bytes"],
+            doc["payload_bytes"],
+            doc.get("memory_digest"),
+            dict(doc.get("extra", {})),
+        )
 
 
 class MigrationHandle:
     """A migration in flight on this host (either end)."""
 
-    def __init__(self, vm: str, role: str, peer: str | None) -> None:
+    def __init__(self, vm: str, role: Role, peer: str | None) -> None:
         self.vm = vm
         self.role = role
         self.peer = peer

@@ -22,6 +22,7 @@ from rich.table import Table
 
 from secmig.agent.config import HostConfig, load_config
 from secmig.agent.control import ControlClient
+from secmig.agent.vocab import DriverKind, parse_data_plane, parse_driver
 from secmig.cli import app, console, option_value
 from secmig.errors import ConfigError
 from secmig.model.units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
@@ -142,7 +143,8 @@ def vm_start(
     ram_b = option_value("--ram", parse_size, ram)
     ws_b = option_value("--working-set", parse_size, working_set)
     rate = option_value("--dirty-rate", parse_rate, dirty_rate).in_pages_per_s()
-    if driver == "memory":
+    kind = parse_driver(driver)
+    if kind is DriverKind.MEMORY:
         spec: dict[str, Any] = {
             "ram_bytes": ram_b,
             "used_bytes": option_value("--used", parse_size, used) if used else ram_b // 2,
@@ -158,7 +160,7 @@ def vm_start(
     elif not no_binding:
         host = client.call_sync("status")["host_id"]
         doc = _cluster(cluster, config).issue_binding(name, mac, host, issuer=issuer).to_json()
-    row = client.call_sync("vm.start", name=name, driver=driver, spec=spec, binding=doc)
+    row = client.call_sync("vm.start", name=name, driver=kind.value, spec=spec, binding=doc)
     console.print(f"VM {row['name']} ({row['driver']}, {format_bytes(row['ram_bytes'])}) {row['state']}")
 
 
@@ -190,8 +192,7 @@ def migrate_cmd(
     """Migrate VM to another host over the authenticated channel, presenting a single-use grant."""
     client = _client(config, socket)
     operation = parse_operation(op)
-    if data_plane not in ("relay", "qemu-tls"):
-        raise ConfigError(f"--data-plane {data_plane!r}: give relay or qemu-tls")
+    plane = parse_data_plane(data_plane)
     limit = option_value("--downtime-limit", parse_duration, downtime_limit) if downtime_limit else None
     if grant is not None:
         g = load_document(grant, Grant)
@@ -213,7 +214,7 @@ def migrate_cmd(
         operation=operation.value,
         grant=grant_doc,
         address=address,
-        data_plane=data_plane,
+        data_plane=plane.value,
         downtime_limit_s=limit,
     )
     if as_json:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -166,6 +165,7 @@ def sweep_attacks(
     """Detection against false alarms as the rate thresholds move: a table, a CSV and a ROC-style plot."""
     from secmig.lab.attacks import sweep
     from secmig.monitor.rules import load_rules
+    from secmig.report.charts import attack_sweep_chart, save_png
 
     if high_ratio <= 1:
         raise ConfigError(f"--high-ratio: {high_ratio:g}: must be above 1 (HIGH is above MEDIUM)")
@@ -212,49 +212,5 @@ def sweep_attacks(
         "triggered an identity check (it passed; its cost is the check).",
         highlight=False,
     )
-    _sweep_plot(points, out / "roc.png")
+    save_png(attack_sweep_chart(points), out / "roc.png", tight=False)
     console.print(f"written: {out / 'sweep.csv'}, {out / 'roc.png'}")
-
-
-def _sweep_plot(points: Sequence[object], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from secmig.lab.attacks import SweepPoint
-
-    pts = [p for p in points if isinstance(p, SweepPoint)]
-    fig, (roc, ttd) = plt.subplots(1, 2, figsize=(11, 4.6), dpi=110)
-    xs = [p.check_rate * 100 for p in pts]
-    for ys, label, style in (
-        ([p.detected * 100 for p in pts], "detected (any rule)", "o-"),
-        ([p.detected_by_rate * 100 for p in pts], "detected by the rate rule", "s--"),
-    ):
-        roc.plot(xs, ys, style, label=label)
-    for p, x in zip(pts, xs, strict=True):
-        roc.annotate(
-            f"{p.medium:g}×", (x, p.detected_by_rate * 100), xytext=(4, -11), textcoords="offset points", fontsize=7
-        )
-    fa = [p.false_alarm_rate * 100 for p in pts]
-    roc.set_xlim(left=0)
-    roc.set_ylim(0, 105)
-    roc.set_xlabel("honest VM-windows that trigger an identity check (%)")
-    roc.set_ylabel("detection attacks detected (%)")
-    roc.set_title(
-        "Detection vs checks on honest VMs as MEDIUM moves (labels)\n"
-        f"false alarms (wrongful actions): at most {max(fa, default=0):.2f} %",
-        fontsize=9,
-    )
-    roc.grid(alpha=0.3)
-    roc.legend(fontsize=8, loc="lower right")
-    ttd.plot([p.medium for p in pts], [p.median_time_to_detect_s for p in pts], "o-", color="#d62728")
-    ttd.set_xscale("log")
-    ttd.set_xlabel("MEDIUM threshold (× preset rate; HIGH moves with it)")
-    ttd.set_ylabel("median time to detect (s)")
-    ttd.set_title("How fast the detected attacks are caught", fontsize=9)
-    ttd.grid(alpha=0.3, which="both")
-    ttd.set_ylim(bottom=0)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

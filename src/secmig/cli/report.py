@@ -73,7 +73,7 @@ def sweep(
 ) -> None:
     """Run a parameter grid on Dask; restartable: points already in OUT/sweep.sqlite are skipped."""
     from secmig.report.charts import save_png, sweep_heatmaps
-    from secmig.results.sweep import (
+    from secmig.sweep import (
         aggregate,
         heatmap_data,
         load_grid,
@@ -149,12 +149,12 @@ def sweep(
     hm = heatmap_data(grid, rows)
     if hm is not None:
         fig = sweep_heatmaps(
-            hm.total_time_s, hm.downtime_s, hm.xlabels, hm.ylabels, hm.xname, hm.yname,
+            hm,
             f"{grid.name}: mean over {len(grid.seeds)} seeds"
             + (f" and over {', '.join(names[2:])}" if len(names) > 2 else ""),
         )
         png = out / "heatmap.png"
-        save_png(fig, str(png))
+        save_png(fig, png)
         written.append(f"[bold]{png}[/]")
     if parquet:
         written.append(f"[bold]{write_parquet(grid, rows, out / 'sweep.parquet')}[/]")

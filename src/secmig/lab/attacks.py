@@ -27,9 +27,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
+import numpy as np
+import numpy.typing as npt
 
-from secmig.errors import ConfigError, LocalProtocolError, RemoteProtocolError
+from secmig.agent.precopy_driver import LoopbackLink, PreCopySender, drive_sync
+from secmig.errors import ConfigError, LocalProtocolError, MigrationError, RemoteProtocolError, SecurityError
+from secmig.migration import StopPolicy
 from secmig.monitor.rules import RuleSet
 from secmig.monitor.samples import Action, Verdict
 from secmig.security.audit import AuditSink, Decision, Detail, MemoryAuditSink
@@ -38,16 +41,12 @@ from secmig.security.events import (
     Commit,
     Committed,
     ConnectionClosed,
-    DeviceState,
     MigrationRequest,
     NeedData,
     PageBatch,
+    ReceivedEvent,
     Role,
-    RoundEnd,
-    RoundStart,
-    StopAndCopy,
 )
-from secmig.security.frames import memory_digest
 from secmig.security.grants import MemoryNonceStore
 from secmig.security.location import MemoryBindingRegistry
 from secmig.security.loopback import ConnectionPair, Tamper
@@ -56,6 +55,7 @@ from secmig.security.protocol import MigrationConnection
 from secmig.sim.engine import RunResult, Simulation
 from secmig.sim.monitoring import MonitorLog, SimSecurity, attach_monitor, new_cluster
 from secmig.sim.scenario import build_spec, parse_scenario
+from secmig.yamlfile import read_yaml
 
 PAGE = 4096
 
@@ -135,34 +135,25 @@ def _migrate_in_memory(
     pair = ConnectionPair(source, destination, tamper=tamper)
     received: dict[int, bytes] = {}
 
-    def pump() -> None:
-        for ev in pair.pump():
-            if isinstance(ev, PageBatch):
-                data = bytes(ev.data)
-                for i, n in enumerate(ev.page_numbers):
-                    received[n] = data[i * PAGE : (i + 1) * PAGE]
-
-    try:
-        pump()
-        pair.send(Role.SOURCE, RoundStart(0))
-        for k in range(0, pages, 16):
-            chunk = tuple(range(k, min(k + 16, pages)))
-            data = b"".join(memory[n * PAGE : (n + 1) * PAGE] for n in chunk)
-            pair.send(Role.SOURCE, PageBatch(0, chunk, data))
-            pump()
-        pair.send(Role.SOURCE, RoundEnd(0))
-        pair.send(Role.SOURCE, StopAndCopy())
-        pair.send(Role.SOURCE, DeviceState(b"cpu"))
-        pair.send(Role.SOURCE, Commit(memory_digest(memory, PAGE)))
-        pump()
-        if any(isinstance(e, Commit) for e in pair.events[Role.DESTINATION]):
+    def destination_end(event: ReceivedEvent) -> None:
+        if isinstance(event, PageBatch):
+            data = bytes(event.data)
+            for i, n in enumerate(event.page_numbers):
+                received[n] = data[i * PAGE : (i + 1) * PAGE]
+        elif isinstance(event, Commit):
             # The destination's digest of what it accepted matched the source's: it takes the VM over.
             pair.send(Role.DESTINATION, Committed())
-            pump()
+
+    try:
+        pair.pump()
+        # One pass of every page, then the stop-and-copy: the shared pre-copy driver, policy "one round".
+        drive_sync(PreCopySender(_StaticMemory(memory), ONE_ROUND, batch_pages=16), LoopbackLink(pair, destination_end))
     except LocalProtocolError:
         pass  # the source's state machine refuses to send pages before AUTHORIZED: what we test
     except RemoteProtocolError:
         pass  # an end saw altered or out-of-order bytes and dropped the connection
+    except (MigrationError, SecurityError):
+        pass  # the destination refused the commit or never answered: the source keeps the VM
     wire = b"".join(pair.wire[Role.SOURCE]) + b"".join(pair.wire[Role.DESTINATION])
     altered = sum(1 for n, d in received.items() if d != memory[n * PAGE : (n + 1) * PAGE])
     return Transcript(
@@ -175,6 +166,37 @@ def _migrate_in_memory(
         wire,
     )
 
+
+class _StaticMemory:
+    """The attack lab's VM: random pages that nothing dirties (a :class:`PageSource`)."""
+
+    page_size = PAGE
+
+    def __init__(self, memory: bytes) -> None:
+        self.memory = memory
+        self.page_count = len(memory) // PAGE
+
+    def nonzero_pages(self) -> npt.NDArray[np.intp]:
+        return np.arange(self.page_count, dtype=np.intp)
+
+    def sync_dirty(self) -> npt.NDArray[np.intp]:
+        return np.empty(0, dtype=np.intp)
+
+    def read_pages(self, pages: npt.NDArray[np.intp]) -> bytes:
+        return b"".join(self.memory[n * PAGE : (n + 1) * PAGE] for n in pages.tolist())
+
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
+    def device_state(self) -> bytes:
+        return b"cpu"
+
+
+ONE_ROUND = StopPolicy(name="one round", max_rounds=1, on_nonconvergence="force")
+"""Round 0 sends every page, then the stop-and-copy (the lab's VM dirties nothing)."""
 
 AuthRun = Callable[[_Lab, Cluster, Path], tuple[int, str, str]]
 """An authentication attack: (pages that reached the attacker, what stopped it, how it was measured)."""
@@ -353,7 +375,7 @@ def run_scenario(path: Path, rules: RuleSet, audit: AuditSink | None = None) -> 
     cluster (no Vsignature), and which scheduled migrations are ``ungranted``; every other migration gets
     a real grant. The monitor is told none of it.
     """
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = read_yaml(path)
     if not isinstance(data, dict) or not isinstance(data.get("attack"), dict):
         raise ConfigError(f"{path.name}: an attack scenario needs an 'attack:' block")
     block = data.pop("attack")
@@ -493,7 +515,8 @@ def attack_names() -> list[tuple[str, str, str]]:
     """(name, kind, description) of every attack and benign scenario."""
     out = [(n, "authentication", d) for n, (d, _) in AUTH_ATTACKS.items()]
     for n, p in scenario_files().items():
-        block = (yaml.safe_load(p.read_text(encoding="utf-8")) or {}).get("attack", {})
+        doc = read_yaml(p)
+        block = doc.get("attack", {}) if isinstance(doc, dict) else {}
         out.append((n, str(block.get("kind", "detection")), str(block.get("description", ""))))
     return out
 

@@ -4,6 +4,8 @@ A policy says when the live rounds end: when the VM has *converged* (what is lef
 budget, or fewer than Th pages are dirty), or when a cap is reached without converging (rounds, data sent,
 time). On a cap, ``on_nonconvergence`` decides: ``force`` the stop-and-copy anyway, or ``abort`` and leave
 the VM running on its source.
+
+Data only: the strategies in :mod:`secmig.migration.precopy` apply it.
 """
 
 from __future__ import annotations

@@ -1,10 +1,17 @@
-"""Pre-copy and stop-and-copy as state machines.
+"""Pre-copy, stop-and-copy and post-copy as sans-IO state machines.
 
 The driver (the simulator, or an agent over a real socket) calls :meth:`start`, sends what each action
 says, and reports back: :meth:`round_done` with the pages dirtied meanwhile, :meth:`stop_and_copy_done`
-once the last bytes are across. Round 0 sends all used memory (untouched pages as zero-page markers);
-each later round sends the pages dirtied during the one before; a :class:`StopPolicy` decides when to
-stop the VM and copy the rest, or to abort and leave it running on the source.
+once the last bytes are across, :meth:`push_done` once a post-copy push has ended. Round 0 sends all
+used memory (untouched pages as zero-page markers); each later round sends the pages dirtied during the
+one before; a :class:`StopPolicy` decides when to stop the VM and copy the rest, or to abort and leave it
+running on the source.
+
+Every change of :class:`Phase` goes through one table, :data:`TRANSITIONS` (as h11 keeps its states in
+one table): a driver that calls a method out of turn gets a :class:`LocalProtocolError`. Why a
+stop-and-copy was started is a :class:`StopReason`, not a string to parse.
+
+This module does no I/O and keeps no clock: times are what the driver says they are.
 """
 
 from __future__ import annotations
@@ -18,6 +25,19 @@ from secmig.errors import LocalProtocolError
 from secmig.migration.policy import StopPolicy
 from secmig.model.analytic import PAGE_WIRE_BYTES, ZERO_PAGE_WIRE_BYTES
 from secmig.model.units import PAGE_SIZE
+
+
+class StopReason(Enum):
+    """Why the live rounds ended; the human-readable ``reason`` beside it only explains."""
+
+    CONVERGED = "converged"
+    """What is pending fits the downtime budget, or fewer than Th pages are dirty."""
+    FORCED = "forced"
+    """A cap (rounds, data, time) was reached without converging: copy what is left anyway."""
+    NON_LIVE = "non-live"
+    """The stop-and-copy baseline: there were no live rounds."""
+    POSTCOPY = "post-copy"
+    """Send the CPU and device state only, resume on the destination, then push the pages it lacks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +60,8 @@ class StopAndCopyRound:
     bytes: int
     converged: bool
     reason: str
+    stop: StopReason
+    """What the strategy does once this round is across: finish, or continue in post-copy."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +82,7 @@ class Finished:
 
     converged: bool
     reason: str
+    stop: StopReason
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,12 +112,26 @@ class RoundRecord:
 
 
 class Phase(Enum):
+    """Where a migration is; changed only through :data:`TRANSITIONS`."""
+
     NEW = "new"
     LIVE = "live"
     STOP_AND_COPY = "stop-and-copy"
     POSTCOPY = "post-copy"
     DONE = "done"
     ABORTED = "aborted"
+
+
+TRANSITIONS: dict[Phase, frozenset[Phase]] = {
+    Phase.NEW: frozenset({Phase.LIVE, Phase.STOP_AND_COPY, Phase.ABORTED}),
+    Phase.LIVE: frozenset({Phase.STOP_AND_COPY, Phase.ABORTED}),
+    Phase.STOP_AND_COPY: frozenset({Phase.DONE, Phase.POSTCOPY, Phase.ABORTED}),
+    # A post-copy can still be given up by its driver (the VM then is wherever the driver left it).
+    Phase.POSTCOPY: frozenset({Phase.DONE, Phase.ABORTED}),
+    Phase.DONE: frozenset(),
+    Phase.ABORTED: frozenset(),
+}
+"""Every phase change a strategy may make: the one place that says which follow which."""
 
 
 class MigrationStrategy(Protocol):
@@ -145,6 +182,14 @@ class _Base:
                 f"migration is {self.phase.value}, not {'/'.join(p.value for p in phases)}"
             )
 
+    def _enter(self, phase: Phase, now_s: float | None = None) -> None:
+        """Move to ``phase`` if :data:`TRANSITIONS` allows it; with ``now_s`` a new round starts then."""
+        if phase not in TRANSITIONS[self.phase]:
+            raise LocalProtocolError(f"migration is {self.phase.value}; it cannot become {phase.value}")
+        self.phase = phase
+        if now_s is not None:
+            self._round_start_s = now_s
+
     def _first_copy(self) -> tuple[int, int, int]:
         used = _pages(self.used_bytes)
         zero = max(_pages(self.ram_bytes) - used, 0)
@@ -167,18 +212,34 @@ class _Base:
         )
 
     def stop_and_copy_done(self, now_s: float) -> Action:
+        """The paused round is across (and the VM's state): finish, or resume it and push in post-copy."""
         self._need(Phase.STOP_AND_COPY)
-        assert isinstance(self._pending, StopAndCopyRound)
+        paused = self._pending
+        assert isinstance(paused, StopAndCopyRound)
         self._record(now_s, 0, live=False)
-        self.phase = Phase.DONE
-        return Finished(self._pending.converged, self._pending.reason)
+        if paused.stop is StopReason.POSTCOPY:
+            self._enter(Phase.POSTCOPY, now_s)
+            self._pending = self._postcopy_push()
+            return self._pending
+        self._enter(Phase.DONE)
+        return Finished(paused.converged, paused.reason, paused.stop)
 
-    def push_done(self, now_s: float, remote_faults: float) -> Action:
+    def _postcopy_push(self) -> PostCopyPush:
+        """The push that follows a switch to post-copy (only strategies that switch have one)."""
         raise LocalProtocolError(f"{type(self).__name__} has no post-copy push")
 
+    def push_done(self, now_s: float, remote_faults: float) -> Action:
+        """The post-copy push is across: every page is on the destination."""
+        self._need(Phase.POSTCOPY)
+        self._record(now_s, 0, live=True)
+        self._enter(Phase.DONE)
+        self.extra["remote_faults"] = remote_faults
+        self.extra["degraded_s"] = self.rounds[-1].duration_s
+        return Finished(True, "post-copy: every page is on the destination", StopReason.POSTCOPY)
+
     def abort(self, now_s: float, reason: str) -> AbortMigration:
-        self._need(Phase.NEW, Phase.LIVE, Phase.STOP_AND_COPY, Phase.POSTCOPY)
-        self.phase = Phase.ABORTED
+        """Give the migration up; the VM keeps running where it is."""
+        self._enter(Phase.ABORTED)
         return AbortMigration(reason)
 
     @property
@@ -192,10 +253,12 @@ class StopAndCopyMigration(_Base):
 
     def start(self, now_s: float) -> Action:
         self._need(Phase.NEW)
-        self.start_s = self._round_start_s = now_s
+        self.start_s = now_s
+        self._enter(Phase.STOP_AND_COPY, now_s)
         used, zero, nbytes = self._first_copy()
-        self.phase = Phase.STOP_AND_COPY
-        self._pending = StopAndCopyRound(0, used, zero, nbytes + self.device_state_bytes, True, "non-live copy")
+        self._pending = StopAndCopyRound(
+            0, used, zero, nbytes + self.device_state_bytes, True, "non-live copy", StopReason.NON_LIVE
+        )
         return self._pending
 
     def round_done(self, now_s: float, dirty_pages: int) -> Action:
@@ -284,9 +347,9 @@ class PreCopyMigration(_Base):
 
     def start(self, now_s: float) -> Action:
         self._need(Phase.NEW)
-        self.start_s = self._round_start_s = now_s
+        self.start_s = now_s
+        self._enter(Phase.LIVE, now_s)
         used, zero, nbytes = self._first_copy()
-        self.phase = Phase.LIVE
         return self._send(0, used + zero, zero, nbytes, self.bandwidth_hint_bytes_per_s)
 
     def round_done(self, now_s: float, dirty_pages: int) -> Action:
@@ -369,46 +432,26 @@ class PreCopyMigration(_Base):
                 f"estimated downtime {nbytes / bandwidth * 1e3:.0f} ms over the {limit * 1e3:.0f} ms limit "
                 f"({reason}); VM left on source",
             )
-        self.phase = Phase.STOP_AND_COPY
-        self._round_start_s = now_s
-        self._pending = StopAndCopyRound(len(self.rounds), pending - zero, zero, nbytes, converged, reason)
+        self._enter(Phase.STOP_AND_COPY, now_s)
+        stop = StopReason.CONVERGED if converged else StopReason.FORCED
+        self._pending = StopAndCopyRound(len(self.rounds), pending - zero, zero, nbytes, converged, reason, stop)
         return self._pending
 
     # --- hybrid: pre-copy rounds, then post-copy ------------------------------------------------------
 
     def _switch_to_postcopy(self, now_s: float, pending: int) -> Action:
         self._postcopy_pages = pending
-        self.phase = Phase.STOP_AND_COPY
-        self._round_start_s = now_s
+        self._enter(Phase.STOP_AND_COPY, now_s)
         reason = f"switched to post-copy after {len(self.rounds)} rounds with {pending} pages pending"
-        self._pending = StopAndCopyRound(len(self.rounds), 0, 0, self.device_state_bytes, True, reason)
+        self._pending = StopAndCopyRound(
+            len(self.rounds), 0, 0, self.device_state_bytes, True, reason, StopReason.POSTCOPY
+        )
         return self._pending
 
-    def stop_and_copy_done(self, now_s: float) -> Action:
-        if self.postcopy_after_rounds is None or not isinstance(self._pending, StopAndCopyRound):
-            return _Base.stop_and_copy_done(self, now_s)
-        if not self._pending.reason.startswith("switched to post-copy"):
-            return _Base.stop_and_copy_done(self, now_s)
-        self._need(Phase.STOP_AND_COPY)
-        self._record(now_s, 0, live=False)
-        self.phase = Phase.POSTCOPY
-        self._round_start_s = now_s
+    def _postcopy_push(self) -> PostCopyPush:
         pages = self._postcopy_pages
         remote = min(pages / self.working_set_pages, 1.0) if self.working_set_pages else 1.0
-        self._pending = PostCopyPush(len(self.rounds), pages, 0, pages * PAGE_WIRE_BYTES, remote)
-        return self._pending
-
-    def push_done(self, now_s: float, remote_faults: float) -> Action:
-        return _finish_push(self, now_s, remote_faults)
-
-
-def _finish_push(m: _Base, now_s: float, remote_faults: float) -> Action:
-    m._need(Phase.POSTCOPY)
-    m._record(now_s, 0, live=True)
-    m.phase = Phase.DONE
-    m.extra["remote_faults"] = remote_faults
-    m.extra["degraded_s"] = m.rounds[-1].duration_s
-    return Finished(True, "post-copy: every page is on the destination")
+        return PostCopyPush(len(self.rounds), pages, 0, pages * PAGE_WIRE_BYTES, remote)
 
 
 @dataclass(slots=True)
@@ -421,22 +464,16 @@ class PostCopyMigration(_Base):
 
     def start(self, now_s: float) -> Action:
         self._need(Phase.NEW)
-        self.start_s = self._round_start_s = now_s
-        self.phase = Phase.STOP_AND_COPY
-        self._pending = StopAndCopyRound(0, 0, 0, self.device_state_bytes, True, "post-copy: state sent first")
+        self.start_s = now_s
+        self._enter(Phase.STOP_AND_COPY, now_s)
+        self._pending = StopAndCopyRound(
+            0, 0, 0, self.device_state_bytes, True, "post-copy: state sent first", StopReason.POSTCOPY
+        )
         return self._pending
 
     def round_done(self, now_s: float, dirty_pages: int) -> Action:
         raise LocalProtocolError("post-copy has no live pre-copy rounds")
 
-    def stop_and_copy_done(self, now_s: float) -> Action:
-        self._need(Phase.STOP_AND_COPY)
-        self._record(now_s, 0, live=False)
-        self.phase = Phase.POSTCOPY
-        self._round_start_s = now_s
+    def _postcopy_push(self) -> PostCopyPush:
         used, zero, nbytes = self._first_copy()
-        self._pending = PostCopyPush(1, used, zero, nbytes, 1.0)
-        return self._pending
-
-    def push_done(self, now_s: float, remote_faults: float) -> Action:
-        return _finish_push(self, now_s, remote_faults)
+        return PostCopyPush(1, used, zero, nbytes, 1.0)

@@ -1,4 +1,7 @@
-"""What one migration did, as the simulator and the agents report it."""
+"""What one migration did, as the simulator and the agents report it.
+
+A plain record: storing and exporting it is :mod:`secmig.results`' job.
+"""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def default_report_path(db_path: Path, name: str, run_id: int) -> Path:
 def write_report(db_path: Path, run_id: int, out: Path | None = None, audit_log: Path | None = None) -> Path:
     """Write the report of run ``run_id`` to ``out`` (default: :func:`default_report_path`) and return the path."""
     data = load_run(db_path, run_id, audit_log)
-    target = out if out is not None else default_report_path(db_path, data.name, run_id)
+    target = out if out is not None else default_report_path(db_path, data.stored.name, run_id)
     page = render(data, _version())
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

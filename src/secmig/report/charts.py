@@ -1,7 +1,9 @@
-"""The report's charts: matplotlib figures rendered off-screen (Agg) to PNG ``data:`` URIs.
+"""Every chart secmig draws: matplotlib figures rendered off-screen (Agg), to PNG ``data:`` URIs or files.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly, never through ``pyplot``, so no global
-figure state is kept and nothing needs a display. Each function returns ``None`` when it has nothing to draw.
+figure state is kept and nothing needs a display. The report's charts return a ``data:`` URI, or ``None``
+when they have nothing to draw; the others (sweep heat maps, the paper's Chart 1, the attack sweep)
+return the figure for :func:`save_png`.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import base64
 import io
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib import rc_context
@@ -21,7 +24,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
-from secmig.report.data import LinkSeries, MigrationRow, MonitorEvent, RoundRow
+from secmig.report.data import LinkSeries, MonitorEvent
+from secmig.results.tables import MigrationRow, RoundRow
+
+if TYPE_CHECKING:
+    from secmig.lab.attacks import ScenarioRun
+    from secmig.lab.attacks import SweepPoint as RateSweepPoint
+    from secmig.lab.experiment import MoveRow
+    from secmig.sweep.aggregate import HeatmapData
 
 MAX_ROUND_PANELS = 24
 """Migrations drawn in the rounds chart; the tables below it hold all of them."""
@@ -50,9 +60,9 @@ def to_data_uri(fig: Figure, dpi: int = 100, tight: bool = True) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def save_png(fig: Figure, path: str, dpi: int = 110) -> None:
-    """Write a figure to a PNG file."""
-    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight")
+def save_png(fig: Figure, path: str | Path, dpi: int = 110, tight: bool = True) -> None:
+    """Write a figure to a PNG file (``tight``: cropped to the drawn area, else the figure's own size)."""
+    fig.savefig(path, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
 
 
 def migrations_gantt(migrations: Sequence[MigrationRow]) -> str | None:
@@ -231,26 +241,143 @@ def _heatmap(ax: Axes, grid: np.ndarray, xlabels: Sequence[str], ylabels: Sequen
             ax.text(x, y, text, ha="center", va="center", fontsize=7, color="white" if v < mid else "black")
 
 
-def sweep_heatmaps(
-    total_time_s: np.ndarray,
-    downtime_s: np.ndarray,
-    xlabels: Sequence[str],
-    ylabels: Sequence[str],
-    xname: str,
-    yname: str,
-    title: str,
-) -> Figure:
+def sweep_heatmaps(cells: HeatmapData, title: str) -> Figure:
     """Two heat maps side by side: mean total time and max downtime over two parameters (NaN: no value).
 
-    ``yname`` empty: one parameter only, drawn as a single row.
+    ``cells.yname`` empty: one parameter only, drawn as a single row.
     """
     with rc_context(_RC):
-        fig = Figure(figsize=(12, 1.8 + 0.45 * max(len(ylabels), 4)), layout="constrained")
+        fig = Figure(figsize=(12, 1.8 + 0.45 * max(len(cells.ylabels), 4)), layout="constrained")
         a1, a2 = fig.subplots(1, 2)
-        _heatmap(a1, total_time_s, xlabels, ylabels, "mean total time of completed migrations (s)")
-        _heatmap(a2, downtime_s * 1e3, xlabels, ylabels, "max downtime of a point (ms)")
+        x, y = cells.xlabels, cells.ylabels
+        _heatmap(a1, cells.total_time_s, x, y, "mean total time of completed migrations (s)")
+        _heatmap(a2, cells.downtime_s * 1e3, x, y, "max downtime of a point (ms)")
         for ax in (a1, a2):
-            ax.set_xlabel(xname)
-            ax.set_ylabel(yname)
+            ax.set_xlabel(cells.xname)
+            ax.set_ylabel(cells.yname)
         fig.suptitle(title)
         return fig
+
+
+def paper_chart_1(run: ScenarioRun, rows: Sequence[MoveRow]) -> Figure:
+    """The paper's Chart 1: the moved VMs' transfer rates over time (top) and what the rate rule judged (bottom)."""
+    rules = run.rules
+    end_s = float(run.sim.env.now)
+    fig = Figure(figsize=(11, 8.5), dpi=110)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    colours = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b"]
+
+    def padded(series: list[tuple[float, float]], vm: str) -> list[tuple[float, float]]:
+        out = list(series)
+        if vm in run.sim.destroyed and out:  # a destroyed VM sends nothing more
+            out += [(out[-1][0] + rules.step_s, 0.0), (end_s, 0.0)]
+        return out
+
+    peak = max((b for r in rows for _, b in run.log.rates.get(r.vm, [])), default=1.0) / 1e6
+    k = 0
+    checked_label = "identity check passed (a granted migration's burst)"
+    for i, r in enumerate(rows):
+        c = colours[i % len(colours)]
+        style = "--" if r.authorized else "-"
+        kind = "granted live migration" if r.authorized else "memory copied out, no grant"
+        inst = padded(run.log.rates.get(r.vm, []), r.vm)
+        top.step(
+            [t for t, _ in inst],
+            [b / 1e6 for _, b in inst],
+            where="pre",
+            color=c,
+            ls=style,
+            lw=1.6 if r.authorized else 2.2,
+            label=f"{r.vm}: {kind}, preset {r.preset_bytes_per_s / 1e6:.0f} MB/s",
+        )
+        top.axhline(r.preset_bytes_per_s / 1e6, color=c, lw=0.7, ls=":")
+        window = padded(run.log.window_rates.get(r.vm, []), r.vm)
+        preset = r.preset_bytes_per_s or 1.0
+        bottom.plot([t for t, _ in window], [b / preset for _, b in window], color=c, ls=style, lw=1.6)
+        for v in run.log.verdicts:
+            if v.vm == r.vm and v.evidence.get("challenge") == "passed":
+                y = max((b for t, b in inst if abs(t - v.t_s) < rules.window), default=0.0) / 1e6
+                top.plot([v.t_s], [y], "o", ms=7, mfc="white", mec=c, mew=2, label=checked_label, zorder=5)
+                checked_label = "_"
+        if r.detected_s is not None:
+            y = max((b for t, b in inst if t <= r.detected_s + 1e-9), default=0.0) / 1e6
+            top.plot([r.detected_s], [y], marker="X", ms=12, color=c, mec="black", zorder=6)
+            top.annotate(
+                f"{r.vm} detected {r.detected_s - r.start_s:.1f} s after it began ({r.detected_s:.1f} s):\n"
+                f"{r.verdict.split(': ', 1)[1]}",
+                (r.detected_s, y),
+                xytext=(r.detected_s + 2.5, peak * (1.32 - 0.2 * k)),
+                fontsize=8.5,
+                color=c,
+                va="center",
+                ha="left",
+                arrowprops={"arrowstyle": "->", "color": c, "lw": 0.9, "relpos": (0.0, 0.5)},
+            )
+            bottom.axvline(r.detected_s, color=c, lw=0.9, ls=":")
+            k += 1
+    top.set_ylabel("transfer rate at the VM's vSwitch port (MB/s)")
+    top.set_title(
+        "Chart 1 — transfer rates while VMs are moved between hypervisors (dotted lines: each VM's preset rate)\n"
+        "the unauthorized moves rise suddenly above their preset rate; the monitor catches them (✕) and the VM "
+        "destroys itself",
+        fontsize=10,
+    )
+    top.legend(fontsize=8, loc="upper right")
+    top.grid(alpha=0.3)
+    top.set_ylim(0, peak * 1.45)
+    ratios = [b / (r.preset_bytes_per_s or 1) for r in rows for _, b in run.log.window_rates.get(r.vm, [])]
+    ymax = max(2.8, max(ratios, default=0.0) * 1.1)
+    bottom.axhspan(0, rules.rate.medium, color="#2ca02c", alpha=0.10)
+    bottom.axhspan(rules.rate.medium, rules.rate.high, color="#ff7f0e", alpha=0.14)
+    bottom.axhspan(rules.rate.high, ymax, color="#d62728", alpha=0.12)
+    for y, text in (
+        (rules.rate.medium / 2, f"LOW (< {rules.rate.medium:g} × preset) → continue"),
+        ((rules.rate.medium + rules.rate.high) / 2, "MEDIUM → identity check"),
+        ((rules.rate.high + ymax) / 2, f"HIGH (≥ {rules.rate.high:g} × preset) → identity check, destroy if it fails"),
+    ):
+        bottom.text(end_s * 0.25, y, text, fontsize=8.5, va="center", ha="left", color="#333333")
+    bottom.set_ylim(0, ymax)
+    bottom.set_xlim(0, end_s)
+    bottom.set_ylabel(f"rate over the last {rules.window:g} s\n÷ preset rate (what the rule judges)")
+    bottom.set_xlabel("simulated time (s)")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def attack_sweep_chart(points: Sequence[RateSweepPoint]) -> Figure:
+    """The attack sweep: detection against identity checks on honest VMs (ROC-style), and time to detect."""
+    pts = list(points)
+    fig = Figure(figsize=(11, 4.6), dpi=110)
+    roc, ttd = fig.subplots(1, 2)
+    xs = [p.check_rate * 100 for p in pts]
+    for ys, label, style in (
+        ([p.detected * 100 for p in pts], "detected (any rule)", "o-"),
+        ([p.detected_by_rate * 100 for p in pts], "detected by the rate rule", "s--"),
+    ):
+        roc.plot(xs, ys, style, label=label)
+    for p, x in zip(pts, xs, strict=True):
+        roc.annotate(
+            f"{p.medium:g}×", (x, p.detected_by_rate * 100), xytext=(4, -11), textcoords="offset points", fontsize=7
+        )
+    fa = [p.false_alarm_rate * 100 for p in pts]
+    roc.set_xlim(left=0)
+    roc.set_ylim(0, 105)
+    roc.set_xlabel("honest VM-windows that trigger an identity check (%)")
+    roc.set_ylabel("detection attacks detected (%)")
+    roc.set_title(
+        "Detection vs checks on honest VMs as MEDIUM moves (labels)\n"
+        f"false alarms (wrongful actions): at most {max(fa, default=0):.2f} %",
+        fontsize=9,
+    )
+    roc.grid(alpha=0.3)
+    roc.legend(fontsize=8, loc="lower right")
+    ttd.plot([p.medium for p in pts], [p.median_time_to_detect_s for p in pts], "o-", color="#d62728")
+    ttd.set_xscale("log")
+    ttd.set_xlabel("MEDIUM threshold (× preset rate; HIGH moves with it)")
+    ttd.set_ylabel("median time to detect (s)")
+    ttd.set_title("How fast the detected attacks are caught", fontsize=9)
+    ttd.grid(alpha=0.3, which="both")
+    ttd.set_ylim(bottom=0)
+    fig.tight_layout()
+    return fig

@@ -6,59 +6,24 @@ have (``monitor_events`` before the monitor existed, an ``audit`` log) load as e
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
 from secmig.errors import ConfigError
-from secmig.results.store import MIGRATION_COLUMNS, MONITOR_EVENT_COLUMNS, ROUND_COLUMNS
+from secmig.results.tables import LinkUsageRow, MigrationRow, MonitorEventRow, RoundRow, RunRow
 from secmig.security.audit import AuditRecord, AuditReport, read_records, verify_audit_log
+from secmig.yamlfile import parse_yaml
+
+MonitorEvent = MonitorEventRow
+"""One verdict of the traffic monitor, as the report shows it (its level in capitals)."""
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationRow:
-    """One row of ``migrations``."""
-
-    idx: int
-    vm: str
-    source: str
-    destination: str
-    strategy: str
-    policy: str
-    start_s: float
-    end_s: float
-    total_time_s: float
-    downtime_s: float
-    rounds: int
-    bytes_sent: int
-    pages_sent: int
-    converged: bool
-    stop_reason: str
-    outcome: str
-
-
-@dataclass(frozen=True, slots=True)
-class RoundRow:
-    """One row of ``rounds``."""
-
-    migration_idx: int
-    idx: int
-    start_s: float
-    duration_s: float
-    pages: int
-    zero_pages: int
-    bytes: int
-    dirty_pages_after: int
-    live: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,19 +63,6 @@ class LinkSeries:
 
 
 @dataclass(frozen=True, slots=True)
-class MonitorEvent:
-    """One verdict of the traffic monitor (a row of ``monitor_events``)."""
-
-    t_s: float
-    vm: str
-    vswitch: str
-    rule: str
-    level: str
-    action: str
-    evidence: dict[str, Any]
-
-
-@dataclass(frozen=True, slots=True)
 class AuditData:
     """An audit log as the report shows it: where it came from, its rows and whether its chain verifies."""
 
@@ -127,12 +79,8 @@ class RunData:
 
     db_path: Path
     run_id: int
-    name: str
-    seed: int
-    created_at: float
-    sim_time_s: float
-    wall_time_s: float
-    scenario_text: str
+    stored: RunRow
+    """The row of ``runs``: name, seed, when, how long, the scenario's text."""
     scenario: dict[str, Any] | None
     """The scenario YAML as loaded, or ``None`` if it does not parse any more."""
     migrations: tuple[MigrationRow, ...]
@@ -186,23 +134,19 @@ def _float(x: Any) -> float:
 
 
 def _links(conn: sqlite3.Connection, run_id: int) -> tuple[LinkSeries, ...]:
-    rows = conn.execute(
-        "SELECT link, kind, capacity_bytes_per_s, t_s, load_bytes_per_s FROM link_usage WHERE run_id = ?"
-        " ORDER BY link, t_s",
-        (run_id,),
-    ).fetchall()
+    rows = LinkUsageRow.select(conn, "run_id = ?", (run_id,), order_by="link, t_s")
     out: list[LinkSeries] = []
     start = 0
     for i in range(1, len(rows) + 1):
-        if i == len(rows) or rows[i][0] != rows[start][0]:
+        if i == len(rows) or rows[i].link != rows[start].link:
             chunk = rows[start:i]
             out.append(
                 LinkSeries(
-                    name=chunk[0][0],
-                    kind=chunk[0][1],
-                    capacity_bytes_per_s=_float(chunk[0][2]),
-                    times_s=np.array([r[3] for r in chunk], dtype=np.float64),
-                    load_bytes_per_s=np.array([r[4] for r in chunk], dtype=np.float64),
+                    name=chunk[0].link,
+                    kind=chunk[0].kind,
+                    capacity_bytes_per_s=_float(chunk[0].capacity_bytes_per_s),
+                    times_s=np.array([r.t_s for r in chunk], dtype=np.float64),
+                    load_bytes_per_s=np.array([r.load_bytes_per_s for r in chunk], dtype=np.float64),
                 )
             )
             start = i
@@ -210,23 +154,8 @@ def _links(conn: sqlite3.Connection, run_id: int) -> tuple[LinkSeries, ...]:
 
 
 def _monitor(conn: sqlite3.Connection, run_id: int) -> tuple[MonitorEvent, ...]:
-    rows = conn.execute(
-        f"SELECT {', '.join(MONITOR_EVENT_COLUMNS)} FROM monitor_events WHERE run_id = ? ORDER BY t_s",
-        (run_id,),
-    ).fetchall()
-    events = []
-    for t_s, vm, vswitch, rule, level, action, evidence in rows:
-        try:
-            parsed = json.loads(evidence)
-        except (TypeError, ValueError):
-            parsed = {"evidence": str(evidence)}
-        events.append(
-            MonitorEvent(
-                float(t_s), str(vm), str(vswitch), str(rule), str(level).upper(), str(action),
-                parsed if isinstance(parsed, dict) else {"evidence": parsed},
-            )
-        )
-    return tuple(events)
+    rows = MonitorEventRow.select(conn, "run_id = ?", (run_id,), order_by="t_s")
+    return tuple(replace(e, level=e.level.upper()) for e in rows)
 
 
 def load_audit(path: Path) -> AuditData:
@@ -255,29 +184,15 @@ def load_run(db_path: Path, run_id: int, audit_log: Path | None = None) -> RunDa
         tables = _tables(conn)
         if "runs" not in tables:
             raise ConfigError(f"{db_path}: not a secmig results database (no runs table)")
-        row = conn.execute(
-            "SELECT name, seed, created_at, sim_time_s, wall_time_s, scenario FROM runs WHERE id = ?", (run_id,)
-        ).fetchone()
-        if row is None:
+        found = RunRow.select(conn, "id = ?", (run_id,))
+        if not found:
             ids = [r[0] for r in conn.execute("SELECT id FROM runs ORDER BY id")]
             have = f"runs {ids[0]}–{ids[-1]}" if ids else "no runs"
             raise ConfigError(f"{db_path}: no run {run_id} (it has {have})")
-        name, seed, created_at, sim_time_s, wall_time_s, scenario_text = row
-        migrations = tuple(
-            _migration(r)
-            for r in conn.execute(
-                f"SELECT idx, {', '.join(MIGRATION_COLUMNS)} FROM migrations WHERE run_id = ? ORDER BY idx",
-                (run_id,),
-            )
-        )
+        migrations = tuple(MigrationRow.select(conn, "run_id = ?", (run_id,), order_by="idx"))
         rounds: dict[int, list[RoundRow]] = {}
-        for r in conn.execute(
-            f"SELECT {', '.join(ROUND_COLUMNS)} FROM rounds WHERE run_id = ? ORDER BY migration_idx, idx", (run_id,)
-        ):
-            m_idx, idx, start_s, duration_s, pages, zero_pages, nbytes, dirty_after, live = r
-            rounds.setdefault(int(m_idx), []).append(
-                RoundRow(m_idx, idx, start_s, duration_s, pages, zero_pages, nbytes, dirty_after, bool(live))
-            )
+        for r in RoundRow.select(conn, "run_id = ?", (run_id,), order_by="migration_idx, idx"):
+            rounds.setdefault(r.migration_idx, []).append(r)
         links = _links(conn, run_id)
         flow_count = int(conn.execute("SELECT count(*) FROM flows WHERE run_id = ?", (run_id,)).fetchone()[0])
         monitor_table = "monitor_events" in tables
@@ -287,10 +202,11 @@ def load_run(db_path: Path, run_id: int, audit_log: Path | None = None) -> RunDa
         raise ConfigError(f"{db_path}: cannot read run {run_id}: {err}") from None
     finally:
         conn.close()
+    stored = found[0]
     try:
-        scenario = yaml.safe_load(scenario_text)
-    except yaml.YAMLError:
-        scenario = None
+        scenario = parse_yaml(stored.scenario, "scenario")
+    except ConfigError:
+        scenario = None  # the report shows the text as it was run all the same
     if audit_log is not None:
         audit: AuditData | None = load_audit(audit_log)
     elif has_audit_table:
@@ -300,12 +216,7 @@ def load_run(db_path: Path, run_id: int, audit_log: Path | None = None) -> RunDa
     return RunData(
         db_path=db_path,
         run_id=run_id,
-        name=str(name),
-        seed=int(seed),
-        created_at=float(created_at),
-        sim_time_s=float(sim_time_s),
-        wall_time_s=float(wall_time_s),
-        scenario_text=str(scenario_text),
+        stored=stored,
         scenario=scenario if isinstance(scenario, dict) else None,
         migrations=migrations,
         rounds={k: tuple(v) for k, v in rounds.items()},
@@ -315,14 +226,6 @@ def load_run(db_path: Path, run_id: int, audit_log: Path | None = None) -> RunDa
         monitor_events=events,
         audit=audit,
     )
-
-
-def _migration(row: Sequence[Any]) -> MigrationRow:
-    v = dict(zip(("idx", *MIGRATION_COLUMNS), row, strict=True))
-    for k in ("start_s", "end_s", "total_time_s", "downtime_s"):
-        v[k] = math.nan if v[k] is None else float(v[k])
-    v["converged"] = bool(v["converged"])
-    return MigrationRow(**v)
 
 
 def scenario_counts(scenario: dict[str, Any] | None) -> dict[str, int]:

@@ -10,7 +10,7 @@ import datetime as _dt
 import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from html import escape
 
 from secmig.model.units import format_bytes, format_duration, format_rate
@@ -104,13 +104,13 @@ def _summary(run: RunData) -> str:
     sc = run.scenario or {}
     done = [m for m in run.migrations if m.outcome == "completed"]
     totals = [m.total_time_s for m in done if math.isfinite(m.total_time_s)]
-    created = _dt.datetime.fromtimestamp(run.created_at, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    created = _dt.datetime.fromtimestamp(run.stored.created_at, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     rows: list[tuple[str, str]] = [
-        ("scenario", escape(run.name)),
+        ("scenario", escape(run.stored.name)),
         ("description", escape(str(sc.get("description", ""))) or "—"),
-        ("run", f"{run.run_id} (seed {run.seed}), stored {created}"),
-        ("simulated time", _dur(run.sim_time_s)),
-        ("wall time", _dur(run.wall_time_s)),
+        ("run", f"{run.run_id} (seed {run.stored.seed}), stored {created}"),
+        ("simulated time", _dur(run.stored.sim_time_s)),
+        ("wall time", _dur(run.stored.wall_time_s)),
     ]
     counts = scenario_counts(run.scenario)
     if counts:
@@ -137,7 +137,7 @@ def _summary(run: RunData) -> str:
     body = _kv(rows)
     if run.scenario is None:
         body += _empty("The stored scenario text is not valid YAML any more; it is shown as stored.")
-    body += f"<details><summary>scenario file as run</summary><pre>{escape(run.scenario_text)}</pre></details>"
+    body += f"<details><summary>scenario file as run</summary><pre>{escape(run.stored.scenario)}</pre></details>"
     return _section("summary", body)
 
 
@@ -234,7 +234,7 @@ def _links(run: RunData) -> str:
     return _section("links", body)
 
 
-def _evidence(ev: dict[str, object]) -> str:
+def _evidence(ev: Mapping[str, object]) -> str:
     return escape(", ".join(f"{k}={v}" for k, v in ev.items()))
 
 
@@ -334,7 +334,7 @@ def _audit(run: RunData) -> str:
 def render(run: RunData, version: str = "") -> str:
     """The whole page for a run."""
     nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title in SECTIONS)
-    title = f"secmig report: {run.name}, run {run.run_id}"
+    title = f"secmig report: {run.stored.name}, run {run.run_id}"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',

@@ -7,8 +7,14 @@ The pieces, each in its own module:
 - :mod:`.credentials` — Vsignature, revocation list, location binding (signed documents).
 - :mod:`.grants`, :mod:`.policy` — single-use operation grants and who may issue them.
 - :mod:`.location` — the verification module's verdict on a VM found on a host.
-- :mod:`.protocol`, :mod:`.events`, :mod:`.frames`, :mod:`.tls` — the migration protocol, bytes in,
-  events out; :mod:`.loopback` joins two ends in memory.
+- the migration protocol, bytes in, events out, split as h11 splits HTTP:
+  :mod:`.state` (roles, states and the one transition table), :mod:`.handshake` (hello and proof
+  codecs, peer authentication, the injected :class:`~.handshake.Authorizer` and its default
+  :class:`~.handshake.GrantAuthorizer`), :mod:`.frames` (frame codecs and the one frame reader),
+  :mod:`.events` (what goes in and comes out), :mod:`.tls` (TLS 1.3 over memory BIOs) and the thin
+  :mod:`.protocol` (``MigrationConnection``) that wires them; :mod:`.loopback` joins two ends in memory.
+- :mod:`.encoding` — canonical JSON, the signing input, and :class:`~.encoding.SignedDocument`, the one
+  sign/verify/to-and-from-JSON shape every signed document shares.
 - :mod:`.audit`, :mod:`.store` — the audit log and a host's persistent nonce/epoch state (SQLite).
 
 Nothing here opens a socket or prints; the CLI and the agents do.
@@ -36,7 +42,8 @@ from secmig.security.frames import memory_digest
 from secmig.security.grants import Grant, MemoryNonceStore
 from secmig.security.location import LocationVerdict, MemoryBindingRegistry, verify_location
 from secmig.security.policy import Operation, Policy
-from secmig.security.protocol import MigrationConnection, State
+from secmig.security.protocol import MigrationConnection
+from secmig.security.state import State
 
 __all__ = [
     "Abort",

@@ -15,23 +15,20 @@ Pure: parsing, signing and checking; files are handled by :mod:`.cluster`.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from secmig.errors import AuthenticationError, ConfigError, DocumentFormatError
 from secmig.security.encoding import (
     PUBLIC_KEY_BYTES,
-    SIGNATURE_BYTES,
     JsonObject,
+    SignedDocument,
     b64decode,
     b64encode,
     get_int,
-    get_obj,
     get_str,
     get_str_list,
-    sign_document,
-    verify_document,
 )
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -68,7 +65,7 @@ def _doc_mac(obj: JsonObject, name: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
-class Vsignature:
+class Vsignature(SignedDocument):
     """A hypervisor's signed cluster membership (the paper's Vsignature)."""
 
     KIND = "vsignature"
@@ -94,18 +91,9 @@ class Vsignature:
             "expires_at": self.expires_at,
         }
 
-    def signed_by(self, key: Ed25519PrivateKey) -> Vsignature:
-        """This credential with the authority's signature."""
-        return replace(self, signature=sign_document(key, self.KIND, self.payload()))
-
-    def to_json(self) -> JsonObject:
-        """The document as stored and sent."""
-        return {"payload": self.payload(), "signature": b64encode(self.signature)}
-
     @classmethod
-    def from_json(cls, obj: JsonObject) -> Vsignature:
-        """Parse (not verify) a document; raises DocumentFormatError."""
-        p = get_obj(obj, "payload")
+    def parse_payload(cls, p: JsonObject) -> Vsignature:
+        """The unsigned credential whose payload is ``p``; raises DocumentFormatError."""
         return cls(
             cluster_id=_doc_id(p, "cluster_id"),
             host_id=_doc_id(p, "host_id"),
@@ -114,7 +102,6 @@ class Vsignature:
             serial=get_int(p, "serial"),
             issued_at=get_int(p, "issued_at"),
             expires_at=get_int(p, "expires_at"),
-            signature=b64decode(obj.get("signature"), "signature", SIGNATURE_BYTES),
         )
 
 
@@ -136,7 +123,7 @@ class RevokedHost:
 
 
 @dataclass(frozen=True, slots=True)
-class RevocationList:
+class RevocationList(SignedDocument):
     """The authority's signed list of revoked hosts; ``number`` only grows, so an old list is detectable."""
 
     KIND = "revocation-list"
@@ -156,18 +143,9 @@ class RevocationList:
             "revoked": [{"host_id": r.host_id, "revoked_at": r.revoked_at, "reason": r.reason} for r in self.revoked],
         }
 
-    def signed_by(self, key: Ed25519PrivateKey) -> RevocationList:
-        """This list with the authority's signature."""
-        return replace(self, signature=sign_document(key, self.KIND, self.payload()))
-
-    def to_json(self) -> JsonObject:
-        """The document as stored."""
-        return {"payload": self.payload(), "signature": b64encode(self.signature)}
-
     @classmethod
-    def from_json(cls, obj: JsonObject) -> RevocationList:
-        """Parse (not verify) a document; raises DocumentFormatError."""
-        p = get_obj(obj, "payload")
+    def parse_payload(cls, p: JsonObject) -> RevocationList:
+        """The unsigned list whose payload is ``p``; raises DocumentFormatError."""
         entries = p.get("revoked")
         if not isinstance(entries, list) or len(entries) > 100_000:
             raise DocumentFormatError("revoked: expected a list")
@@ -183,7 +161,6 @@ class RevocationList:
             number=get_int(p, "number"),
             issued_at=get_int(p, "issued_at"),
             revoked=tuple(revoked),
-            signature=b64decode(obj.get("signature"), "signature", SIGNATURE_BYTES),
         )
 
     def is_revoked(self, host_id: str) -> bool:
@@ -192,7 +169,7 @@ class RevocationList:
 
 
 @dataclass(frozen=True, slots=True)
-class LocationBinding:
+class LocationBinding(SignedDocument):
     """A VM's signed location: (VM id, VM MAC, host, epoch). Each move issues epoch + 1."""
 
     KIND = "location-binding"
@@ -219,18 +196,9 @@ class LocationBinding:
             "issuer": self.issuer,
         }
 
-    def signed_by(self, key: Ed25519PrivateKey) -> LocationBinding:
-        """This binding with the issuer's signature."""
-        return replace(self, signature=sign_document(key, self.KIND, self.payload()))
-
-    def to_json(self) -> JsonObject:
-        """The document as stored and sent."""
-        return {"payload": self.payload(), "signature": b64encode(self.signature)}
-
     @classmethod
-    def from_json(cls, obj: JsonObject) -> LocationBinding:
-        """Parse (not verify) a document; raises DocumentFormatError."""
-        p = get_obj(obj, "payload")
+    def parse_payload(cls, p: JsonObject) -> LocationBinding:
+        """The unsigned binding whose payload is ``p``; raises DocumentFormatError."""
         return cls(
             cluster_id=_doc_id(p, "cluster_id"),
             vm_id=_doc_id(p, "vm_id"),
@@ -239,7 +207,6 @@ class LocationBinding:
             epoch=get_int(p, "epoch"),
             issued_at=get_int(p, "issued_at"),
             issuer=_doc_id(p, "issuer"),
-            signature=b64decode(obj.get("signature"), "signature", SIGNATURE_BYTES),
         )
 
 
@@ -255,7 +222,7 @@ def check_vsignature(
 
     The message names the check that failed but never echoes key material.
     """
-    if not verify_document(authority, Vsignature.KIND, cred.payload(), cred.signature):
+    if not cred.verify(authority):
         raise AuthenticationError(f"host {cred.host_id!r}: Vsignature is not signed by this cluster's authority")
     if cred.cluster_id != cluster_id:
         raise AuthenticationError(f"host {cred.host_id!r}: Vsignature is for cluster {cred.cluster_id!r}")
@@ -269,5 +236,5 @@ def check_vsignature(
 
 def check_revocation_list(rl: RevocationList, *, authority: Ed25519PublicKey, cluster_id: str) -> None:
     """Refuse a revocation list that the authority did not sign or that belongs to another cluster."""
-    if rl.cluster_id != cluster_id or not verify_document(authority, RevocationList.KIND, rl.payload(), rl.signature):
+    if rl.cluster_id != cluster_id or not rl.verify(authority):
         raise AuthenticationError("revocation list is not signed by this cluster's authority")

@@ -5,18 +5,21 @@ object whose *payload* is signed with Ed25519 over ``DOMAIN || kind || 0x00 || c
 The kind prefix is domain separation: a signature made for one kind of document can never verify as
 another kind, nor as an X.509 structure (DER starts with 0x30, ``DOMAIN`` with ``s``).
 
-Parsers here raise :class:`DocumentFormatError` only; callers wrap it into the error that fits where the
-bytes came from (:class:`~secmig.errors.ConfigError` for files, ``RemoteProtocolError`` for the wire).
-No I/O.
+:class:`SignedDocument` holds what every kind of document shares (sign, verify, to and from JSON), so
+a kind declares only its fields. Parsers here raise :class:`DocumentFormatError` only; callers wrap it
+into the error that fits where the bytes came from (:class:`~secmig.errors.ConfigError` for files,
+``RemoteProtocolError`` for the wire). Must not: read files, know which key a kind must be signed by
+(the checks in :mod:`.credentials` and :mod:`.grants` decide that). No I/O.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import json
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar, Self
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -119,3 +122,46 @@ def get_str_list(obj: Mapping[str, Any], field: str, *, max_items: int = 64) -> 
     if not isinstance(value, list) or len(value) > max_items or not all(isinstance(v, str) for v in value):
         raise DocumentFormatError(f"{field}: expected a list of at most {max_items} strings")
     return tuple(value)
+
+
+class SignedDocument:
+    """Base of every signed document kind: a frozen, slotted dataclass with a ``KIND``, its signed fields
+    (:meth:`payload`, parsed back by :meth:`parse_payload`) and a last field ``signature``.
+
+    On the wire and on disk a document is ``{"payload": {...}, "signature": base64}``. Parsing never
+    verifies: callers check the signature with the key that matters for them (:meth:`verify`).
+    """
+
+    __slots__ = ()
+    KIND: ClassVar[str]
+    """Domain separation: what this kind of document's signatures are made for."""
+    signature: bytes
+
+    def payload(self) -> JsonObject:
+        """The signed fields."""
+        raise NotImplementedError
+
+    @classmethod
+    def parse_payload(cls, payload: JsonObject) -> Self:
+        """The unsigned document whose :meth:`payload` is ``payload``; raises DocumentFormatError."""
+        raise NotImplementedError
+
+    def signed_by(self, key: Ed25519PrivateKey) -> Self:
+        """This document with ``key``'s signature."""
+        signature = sign_document(key, self.KIND, self.payload())
+        return dataclasses.replace(self, signature=signature)  # type: ignore[type-var]
+
+    def verify(self, key: Ed25519PublicKey) -> bool:
+        """True when the signature is ``key``'s over this document's payload."""
+        return verify_document(key, self.KIND, self.payload(), self.signature)
+
+    def to_json(self) -> JsonObject:
+        """The document as stored and sent."""
+        return {"payload": self.payload(), "signature": b64encode(self.signature)}
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> Self:
+        """Parse (not verify) a document; raises DocumentFormatError."""
+        unsigned = cls.parse_payload(get_obj(obj, "payload"))
+        signature = b64decode(obj.get("signature"), "signature", SIGNATURE_BYTES)
+        return dataclasses.replace(unsigned, signature=signature)  # type: ignore[type-var]

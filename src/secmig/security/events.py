@@ -2,7 +2,7 @@
 
 Frozen, slotted dataclasses, one per message, in the paper's vocabulary (round, dirty pages,
 stop-and-copy). Which side may send which event in which state is decided in one table in
-:mod:`.protocol`, not here.
+:mod:`.state`, not here (:class:`Role` lives there and is re-exported here).
 """
 
 from __future__ import annotations
@@ -21,20 +21,9 @@ from secmig.errors import (
 from secmig.security.credentials import LocationBinding
 from secmig.security.grants import Grant
 from secmig.security.policy import Operation
+from secmig.security.state import Role as Role
 
 Buffer = bytes | bytearray | memoryview
-
-
-class Role(enum.StrEnum):
-    """Which end of a migration a connection is; the source is the TLS client."""
-
-    SOURCE = "source"
-    DESTINATION = "destination"
-
-    @property
-    def peer(self) -> Role:
-        """The other end."""
-        return Role.DESTINATION if self is Role.SOURCE else Role.SOURCE
 
 
 class AbortCode(enum.IntEnum):

@@ -6,18 +6,25 @@ call and no per-page objects::
 
     round u32 | count u32 | page numbers count×u64 | SHA-256 digests count×32 | contents count×page_size
 
-Decoders raise :class:`~secmig.errors.RemoteProtocolError` and nothing else, whatever the bytes. This
-module is also the "plain framing" the channel benchmark compares TLS against. Pure.
+Decoders (and :class:`FrameReader`) read what the peer sent: they raise
+:class:`~secmig.errors.RemoteProtocolError` and nothing else, whatever the bytes. Encoders build what
+this end sends: a frame they cannot encode is this end's bug, a :class:`~secmig.errors.LocalProtocolError`.
+This module is also the "plain framing" the channel benchmark compares TLS against.
+
+Must not: know states, roles or TLS (who may send which frame when is :mod:`.state`'s table); no I/O.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import hashlib
 import struct
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from secmig.errors import RemoteProtocolError
+from secmig.errors import LocalProtocolError, RemoteProtocolError
 
 HEADER = struct.Struct(">BI")
 HEADER_BYTES = HEADER.size
@@ -34,7 +41,7 @@ _MEMORY_TAG = b"secmig-memory/v1\x00"
 
 
 class FrameType(enum.IntEnum):
-    """Every frame the protocol knows; the state table in :mod:`.protocol` says who may send which when."""
+    """Every frame the protocol knows; the state table in :mod:`.state` says who may send which when."""
 
     SOURCE_HELLO = 0x01
     DESTINATION_HELLO = 0x02
@@ -73,7 +80,7 @@ def memory_digest_from_table(table: bytes | bytearray, page_size: int) -> bytes:
 def memory_digest(memory: bytes | bytearray | memoryview, page_size: int) -> bytes:
     """The final memory digest both ends compare: a hash over every page's digest (so a page is hashed once)."""
     if len(memory) % page_size:
-        raise ValueError(f"memory of {len(memory)} bytes is not a whole number of {page_size}-byte pages")
+        raise LocalProtocolError(f"memory of {len(memory)} bytes is not a whole number of {page_size}-byte pages")
     return memory_digest_from_table(page_digests(memory, page_size), page_size)
 
 
@@ -85,7 +92,7 @@ def zero_page_table(page_size: int, page_count: int) -> bytearray:
 def encode_frame(frame_type: FrameType, payload: bytes | bytearray | memoryview = b"") -> bytes:
     """One frame on the wire."""
     if len(payload) > MAX_FRAME_PAYLOAD:
-        raise ValueError(f"frame payload of {len(payload)} bytes exceeds the cap of {MAX_FRAME_PAYLOAD}")
+        raise LocalProtocolError(f"frame payload of {len(payload)} bytes exceeds the cap of {MAX_FRAME_PAYLOAD}")
     return HEADER.pack(frame_type, len(payload)) + bytes(payload)
 
 
@@ -96,26 +103,31 @@ def encode_page_batch(
     page_size: int,
     digests: bytes | None = None,
 ) -> bytes:
-    """A PAGE_BATCH frame; computes the digests when not given."""
+    """A PAGE_BATCH frame; computes the digests when not given. LocalProtocolError when it cannot be built."""
     count = len(page_numbers)
     if count == 0 or len(data) != count * page_size:
-        raise ValueError(f"{count} page numbers but {len(data)} bytes of {page_size}-byte pages")
+        raise LocalProtocolError(f"{count} page numbers but {len(data)} bytes of {page_size}-byte pages")
     if digests is None:
         digests = page_digests(data, page_size)
     elif len(digests) != count * DIGEST_BYTES:
-        raise ValueError("one 32-byte digest per page is required")
+        raise LocalProtocolError("one 32-byte digest per page is required")
     length = _BATCH_HEAD.size + count * (8 + DIGEST_BYTES + page_size)
     if length > MAX_FRAME_PAYLOAD:
-        raise ValueError(f"batch of {count} pages exceeds the frame cap; send at most {max_batch_pages(page_size)}")
-    return b"".join(
-        (
-            HEADER.pack(FrameType.PAGE_BATCH, length),
-            _BATCH_HEAD.pack(round_no, count),
-            struct.pack(f">{count}Q", *page_numbers),
-            digests,
-            data,
+        raise LocalProtocolError(
+            f"batch of {count} pages exceeds the frame cap; send at most {max_batch_pages(page_size)}"
         )
-    )
+    with _encoding("page batch"):
+        head = _BATCH_HEAD.pack(round_no, count) + struct.pack(f">{count}Q", *page_numbers)
+    return b"".join((HEADER.pack(FrameType.PAGE_BATCH, length), head, digests, data))
+
+
+@contextlib.contextmanager
+def _encoding(what: str) -> Iterator[None]:
+    """A number that does not fit its field is this end's bug: struct's error becomes LocalProtocolError."""
+    try:
+        yield
+    except struct.error as err:
+        raise LocalProtocolError(f"{what}: {err}") from err
 
 
 def max_batch_pages(page_size: int) -> int:
@@ -171,12 +183,14 @@ def decode_u32(payload: bytes | bytearray | memoryview, what: str) -> int:
 
 def encode_u32(value: int) -> bytes:
     """Payload of ROUND_START."""
-    return _U32.pack(value)
+    with _encoding("u32"):
+        return _U32.pack(value)
 
 
 def encode_round_end(round_no: int, pages: int) -> bytes:
     """Payload of ROUND_END."""
-    return _ROUND_END.pack(round_no, pages)
+    with _encoding("round end"):
+        return _ROUND_END.pack(round_no, pages)
 
 
 def decode_round_end(payload: bytes | bytearray | memoryview) -> tuple[int, int]:
@@ -196,6 +210,8 @@ def decode_digest(payload: bytes | bytearray | memoryview, what: str) -> bytes:
 
 def encode_abort(code: int, reason: str) -> bytes:
     """Payload of ABORT: a code byte and a UTF-8 reason, truncated to the cap."""
+    if not 0 <= code <= 255:
+        raise LocalProtocolError(f"abort code {code} does not fit a byte")
     return bytes([code]) + reason.encode("utf-8", "replace")[:MAX_REASON_BYTES]
 
 
@@ -207,36 +223,93 @@ def decode_abort(payload: bytes | bytearray | memoryview) -> tuple[int, str]:
 
 
 class FrameReader:
-    """Cuts a byte stream into frames; used directly by the plain-framing benchmark and by the connection.
+    """Cuts a byte stream into frames: the one frame reader, used by the connection and the benchmark.
 
-    Holds at most one incomplete frame (``HEADER_BYTES + MAX_FRAME_PAYLOAD`` bytes).
+    Bytes go straight into the buffer of the frame they belong to — header first, then a payload buffer of
+    exactly the announced length — so a frame is never copied after it arrives, and a finished frame's
+    payload is never reused (events may hold views into it). Two ways to fill it: :meth:`feed` copies
+    bytes in; :meth:`buffer` and :meth:`advance` let a reader such as TLS decrypt directly into place.
+
+    The named cap (h11's ``max_incomplete_event_size``): a header announcing more than
+    ``max_payload_bytes`` is refused before anything is allocated, so the incomplete frame holds at most
+    ``HEADER_BYTES + max_payload_bytes`` (:attr:`max_buffered_bytes`).
     """
 
-    def __init__(self) -> None:
-        self._buf = bytearray()
+    __slots__ = ("_error", "_got", "_header", "_payload", "_ready", "_type", "max_payload_bytes")
+
+    def __init__(self, max_payload_bytes: int = MAX_FRAME_PAYLOAD) -> None:
+        self.max_payload_bytes = max_payload_bytes
+        self._header = bytearray(HEADER_BYTES)
+        self._payload: bytearray | None = None
+        """The payload being filled; None while the header is."""
+        self._type = FrameType.ABORT
+        self._got = 0
+        """Bytes of the header (or, once it is parsed, of the payload) received so far."""
+        self._ready: deque[tuple[FrameType, bytearray]] = deque()
+        self._error: RemoteProtocolError | None = None
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        """The most bytes an incomplete frame can hold."""
+        return HEADER_BYTES + self.max_payload_bytes
+
+    def buffer(self) -> memoryview:
+        """Where the next bytes of the stream belong (never empty): the rest of the header or the payload."""
+        if self._payload is None:
+            return memoryview(self._header)[self._got :]
+        return memoryview(self._payload)[self._got :]
+
+    def advance(self, n: int) -> None:
+        """``n`` bytes were written at the start of :meth:`buffer`; RemoteProtocolError on a bad header."""
+        self._got += n
+        if self._payload is None:
+            if self._got < HEADER_BYTES:
+                return
+            self._type, length = parse_header(self._header, self.max_payload_bytes)
+            self._payload, self._got = bytearray(length), 0
+        if self._got == len(self._payload):
+            self._ready.append((self._type, self._payload))
+            self._payload, self._got = None, 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append received bytes."""
-        self._buf += data
+        """Append received bytes (copied into their frames); a bad header is reported by :meth:`next_frame`."""
+        src = memoryview(data).cast("B")
+        while src and self._error is None:
+            dst = self.buffer()
+            n = min(len(dst), len(src))
+            dst[:n] = src[:n]
+            src = src[n:]
+            try:
+                self.advance(n)
+            except RemoteProtocolError as err:
+                self._error = err  # the stream cannot be cut any further
 
-    def next_frame(self) -> tuple[FrameType, bytes] | None:
-        """The next complete frame, or None; RemoteProtocolError on an unknown type or oversize length."""
-        if len(self._buf) < HEADER_BYTES:
-            return None
-        ftype, length = parse_header(self._buf)
-        end = HEADER_BYTES + length
-        if len(self._buf) < end:
-            return None
-        payload = bytes(self._buf[HEADER_BYTES:end])
-        del self._buf[:end]
-        return ftype, payload
+    def next_frame(self) -> tuple[FrameType, bytearray] | None:
+        """The next complete frame, or None; RemoteProtocolError once the frames before a bad header are taken."""
+        if self._ready:
+            return self._ready.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    def read_from(self, recv_into: Callable[[memoryview], int]) -> tuple[FrameType, bytearray] | None:
+        """The next complete frame, pulling bytes with ``recv_into`` (fills a view, returns 0 when it has none).
+
+        It never asks for more than the current frame needs, so nothing is buffered beyond one frame.
+        """
+        while not self._ready:
+            n = recv_into(self.buffer())
+            if n == 0:
+                return None
+            self.advance(n)
+        return self._ready.popleft()
 
 
-def parse_header(header: bytes | bytearray | memoryview) -> tuple[FrameType, int]:
-    """Check a frame header; RemoteProtocolError on an unknown type or a length over the cap."""
+def parse_header(header: bytes | bytearray | memoryview, max_payload: int = MAX_FRAME_PAYLOAD) -> tuple[FrameType, int]:
+    """Check a frame header; RemoteProtocolError on an unknown type or a length over ``max_payload``."""
     ftype, length = HEADER.unpack_from(header)
     if ftype not in _KNOWN_TYPES:
         raise RemoteProtocolError(f"unknown frame type 0x{ftype:02x}")
-    if length > MAX_FRAME_PAYLOAD:
-        raise RemoteProtocolError(f"frame of {length} bytes exceeds the cap of {MAX_FRAME_PAYLOAD}")
+    if length > max_payload:
+        raise RemoteProtocolError(f"frame of {length} bytes exceeds the cap of {max_payload}")
     return FrameType(ftype), length

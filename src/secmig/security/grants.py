@@ -12,23 +12,20 @@ expires. This module does no I/O; the SQLite store is in :mod:`.store`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from secmig.errors import AuthenticationError, AuthorizationError, DocumentFormatError
 from secmig.security.credentials import LocationBinding
 from secmig.security.encoding import (
-    SIGNATURE_BYTES,
     JsonObject,
+    SignedDocument,
     b64decode,
     b64encode,
     get_int,
-    get_obj,
     get_str,
-    sign_document,
-    verify_document,
 )
 from secmig.security.policy import AUTHORITY, Operation, Policy
 
@@ -39,7 +36,7 @@ CLOCK_SKEW_S = 300
 
 
 @dataclass(frozen=True, slots=True)
-class Grant:
+class Grant(SignedDocument):
     """A signed, single-use permission for one operation on one VM between two hosts."""
 
     KIND = "grant"
@@ -71,18 +68,9 @@ class Grant:
             "next_binding": None if self.next_binding is None else self.next_binding.to_json(),
         }
 
-    def signed_by(self, key: Ed25519PrivateKey) -> Grant:
-        """This grant with the issuer's signature."""
-        return replace(self, signature=sign_document(key, self.KIND, self.payload()))
-
-    def to_json(self) -> JsonObject:
-        """The document as stored and sent."""
-        return {"payload": self.payload(), "signature": b64encode(self.signature)}
-
     @classmethod
-    def from_json(cls, obj: JsonObject) -> Grant:
-        """Parse (not verify) a document; raises DocumentFormatError."""
-        p = get_obj(obj, "payload")
+    def parse_payload(cls, p: JsonObject) -> Grant:
+        """The unsigned grant whose payload is ``p``; raises DocumentFormatError."""
         try:
             operation = Operation(get_str(p, "operation", max_len=16))
         except ValueError as err:
@@ -101,7 +89,6 @@ class Grant:
             expires_at=get_int(p, "expires_at"),
             issuer=get_str(p, "issuer", max_len=63),
             next_binding=None if nb is None else LocationBinding.from_json(nb),
-            signature=b64decode(obj.get("signature"), "signature", SIGNATURE_BYTES),
         )
 
 
@@ -166,7 +153,7 @@ def check_binding_signature(binding: LocationBinding, roots: TrustRoots) -> None
             raise AuthenticationError(
                 f"VM {binding.vm_id!r}: operator {binding.issuer!r} may not bind it to {binding.host_id!r}"
             )
-    if not verify_document(key, LocationBinding.KIND, binding.payload(), binding.signature):
+    if not binding.verify(key):
         raise AuthenticationError(f"VM {binding.vm_id!r}: binding signature does not verify")
 
 
@@ -194,7 +181,7 @@ def check_grant(
     key = roots.issuer_key(grant.issuer)
     if key is None:
         raise AuthorizationError(f"{label}: issuer {grant.issuer!r} is not in the policy")
-    if not verify_document(key, Grant.KIND, grant.payload(), grant.signature):
+    if not grant.verify(key):
         raise AuthorizationError(f"{label}: signature does not verify")
     if grant.issuer != AUTHORITY:
         rule = roots.policy.operator(grant.issuer)

@@ -6,13 +6,18 @@ dirtied meanwhile and the strategy decides what comes next. The VM pauses for th
 resumes on the destination once the last byte has crossed the path's latency. Application traffic is
 chunked into flows so that the monitor sees it over time. Every random draw comes from a generator
 seeded by the run's seed and the object's index: same seed, same results.
+
+The engine decides nothing about a migration itself (the strategy does) and judges no traffic (a
+monitor attaches through :mod:`secmig.sim.monitoring` and acts through :meth:`Simulation.throttle`,
+:meth:`Simulation.abort_migration` and :meth:`Simulation.destroy`). The wall clock is read only to
+report how long a run took.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -377,15 +382,3 @@ def run(spec: SimulationSpec, progress: Callable[[int, int], None] | None = None
     """Run one simulation."""
     return Simulation(spec).run(progress)
 
-
-def summarize(results: Sequence[MigrationResult]) -> dict[str, float]:
-    """Aggregate figures of a run's migrations."""
-    done = [r for r in results if r.outcome == "completed"]
-    return {
-        "migrations": float(len(results)),
-        "completed": float(len(done)),
-        "aborted": float(len(results) - len(done)),
-        "mean_total_time_s": float(np.mean([r.total_time_s for r in done])) if done else math.nan,
-        "max_downtime_s": float(max((r.downtime_s for r in done), default=math.nan)),
-        "bytes_sent": float(sum(r.bytes_sent for r in results)),
-    }

@@ -8,6 +8,11 @@ out through :class:`SimResponder`, whose identity check is the security core's r
 the VM is explained when it is the VM's own migration under a valid grant to a current member, or it
 goes to a host that proves cluster membership with its Vsignature; and the VM itself must be where its
 signed location binding says. What the scenario intends (its ``kind: exfil``) is never looked at.
+
+Clocked by simulated time only: credentials are checked at :attr:`SimSecurity.epoch_s` (the wall-clock
+instant that simulated time 0 stands for, fixed when the run's security is set up) plus ``env.now``, so
+the same seed gives the same verdicts however fast the host runs. This module must not read the wall
+clock during a run, and must not judge traffic itself: that is :mod:`secmig.monitor`'s job.
 """
 
 from __future__ import annotations
@@ -42,22 +47,28 @@ class SimSecurity:
     cluster: Cluster
     bindings: dict[str, LocationBinding] = field(default_factory=dict)
     grants: dict[tuple[str, str, str], Grant] = field(default_factory=dict)
+    epoch_s: float = field(default_factory=time.time)
+    """Wall-clock time (s since 1970) that simulated time 0 stands for; read once, before the run."""
 
-    def check_member(self, host: str) -> tuple[bool, str]:
-        """Does ``host`` hold a current, unrevoked Vsignature of this cluster?"""
+    def at(self, now_s: float) -> float:
+        """The wall-clock instant of simulated time ``now_s``: what signatures are checked against."""
+        return self.epoch_s + now_s
+
+    def check_member(self, host: str, now_s: float = 0.0) -> tuple[bool, str]:
+        """Does ``host`` hold a current, unrevoked Vsignature of this cluster at simulated ``now_s``?"""
         try:
-            self.cluster.trust().check_member(self.cluster.host_identity(host).vsignature, time.time())
+            self.cluster.trust().check_member(self.cluster.host_identity(host).vsignature, self.at(now_s))
         except (SecurityError, ConfigError) as err:
             return False, f"{host}: {err}"
         return True, f"{host}'s Vsignature verifies"
 
-    def check_move(self, vm: str, src: str, dst: str) -> tuple[bool, str]:
+    def check_move(self, vm: str, src: str, dst: str, now_s: float = 0.0) -> tuple[bool, str]:
         """Is moving ``vm`` from ``src`` to ``dst`` covered by a grant to a current cluster member?"""
         try:
             check_grant(
                 self.grants.get((vm, src, dst)),
                 self.cluster.trust().roots(),
-                now=time.time(),
+                now=self.at(now_s),
                 operation=Operation.MIGRATE,
                 vm_id=vm,
                 source_host=src,
@@ -66,7 +77,7 @@ class SimSecurity:
             )
         except (SecurityError, ConfigError) as err:
             return False, f"migration {src}→{dst}: {err}"
-        ok, why = self.check_member(dst)
+        ok, why = self.check_member(dst, now_s)
         return ok, f"grant for {vm} {src}→{dst} verifies; {why}" if ok else why
 
     def moved(self, vm: str, src: str, dst: str) -> None:
@@ -121,7 +132,7 @@ class SimResponder:
         whys = []
         moving = self.sim.migrating(vm)
         if moving is not None:
-            ok, why = self.security.check_move(vm, *moving)
+            ok, why = self.security.check_move(vm, *moving, now_s)
             if not ok:
                 return False, why
             whys.append(why)
@@ -133,7 +144,7 @@ class SimResponder:
         for kind, _src, dst in self._flows(vm):
             if kind == "migration":
                 continue  # checked above with its grant
-            ok, why = self.security.check_member(dst)
+            ok, why = self.security.check_member(dst, now_s)
             if not ok:
                 return False, f"traffic to a host outside the cluster: {why}"
         whys.append("every destination is a cluster member")

@@ -10,6 +10,9 @@ number of flows.
 Starts and ends at the same simulated instant are coalesced into one re-share: a thousand migrations
 whose rounds end together cost one computation, not a thousand. Latency is not a property of flows;
 callers add it (see :meth:`FluidNetwork.path_latency`).
+
+The network knows nothing of VMs, migrations or security: a flow is bytes on a path with an opaque tag
+and a byte-counter account.
 """
 
 from __future__ import annotations
@@ -132,9 +135,6 @@ class FluidNetwork:
             self._finite = np.isfinite(self._cap_links)
             self._load = np.zeros(len(self.links) + 1)
 
-    def link_index(self, name: str) -> int:
-        return self._by_name[name]
-
     def path_latency(self, path: Sequence[int]) -> float:
         return sum(self.links[i].latency_s for i in path)
 
@@ -212,15 +212,6 @@ class FluidNetwork:
         if flow.slot < 0 or self._flows[flow.slot] is not flow:
             return 0.0
         return float(self._rate[flow.slot])
-
-    def active_flows(self) -> list[tuple[Flow, float]]:
-        """Every flow on the wire with its current rate."""
-        out = []
-        for slot in np.flatnonzero(self._active):
-            f = self._flows[slot]
-            assert f is not None
-            out.append((f, float(self._rate[slot])))
-        return out
 
     def usage(self) -> list[LinkUsage]:
         """The mean load of every link in each time bin, from the first bin to the last busy one."""

@@ -3,6 +3,8 @@
 Sizes, rates and durations take units (``4GiB``, ``10Gbit/s``, ``20000pages/s``, ``300ms``). Any problem
 becomes one :class:`ConfigError` naming the file, the field path and the value, e.g.
 ``demo.yaml: vms[3].ram: "4 GB" is not a size (try 4GiB)``.
+
+Parsing and validation only: it runs nothing.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Per host: ``HOST/nic-tx`` and ``HOST/nic-rx`` (a full-duplex NIC) and ``HOST/vsw
 switch every VM's traffic crosses, where the monitor reads rates). Per datacenter: ``DC/core``. Per pair
 of datacenters: ``wan/A->B`` and ``wan/B->A``. A flow between two hosts crosses source vSwitch, source NIC,
 source core, the WAN if the datacenters differ, destination core, destination NIC, destination vSwitch.
+
+Naming and routing only: no flows, no rates.
 """
 
 from __future__ import annotations
