@@ -7,6 +7,7 @@
      │    ├── UnitError         a size, rate or duration that does not parse
      │    ├── QemuNotFound      qemu-system-x86_64 is not installed (or not where it was said to be)
      │    └── GuestBuildError   the reference guest could not be built (no gcc, a compile error)
+     │         └── GuestFetchError a Debian package the Linux guest needs could not be fetched
      ├── SimulationError        the simulator reached a state it cannot continue from
      ├── MigrationError         a migration failed; the VM stays on its source
      │    ├── MigrationAborted  a policy or a peer aborted it on purpose
@@ -16,10 +17,14 @@
      ├── AgentError             the agent daemon or its control API failed
      │    ├── AgentUnavailable  nothing answers on the control socket
      │    ├── StateError        a call the agent's runstate (or a VM's state) does not allow now
-     │    └── VMNotFound        no VM of that name on this host
+     │    ├── VMNotFound        no VM of that name on this host
+     │    ├── HostNetError      a bridge, tap or tc operation failed (or needs root and we are not)
+     │    └── ScrubError        a destroyed guest's RAM backing file could not be zeroed
      ├── SecurityError          any refused security check (one opaque kind per check family)
      │    ├── AuthenticationError
      │    ├── AuthorizationError
+     │    │    └── RegisterConflict   the location register refuses: stale binding, transition decided otherwise
+     │    ├── RegisterUnavailable    the location register did not answer (the caller stays paused, retries)
      │    ├── IntegrityError
      │    └── AuditError
      │    └── DocumentFormatError a signed document (credential, grant, binding) has the wrong shape
@@ -71,6 +76,10 @@ class GuestBuildError(ConfigError):
     """The reference guest kernel could not be built from its C source."""
 
 
+class GuestFetchError(GuestBuildError):
+    """A Debian package the Linux guest is built from could not be resolved or downloaded."""
+
+
 class QemuError(MigrationError):
     """A QEMU process or its QMP monitor failed; the message carries the tail of QEMU's log."""
 
@@ -95,6 +104,14 @@ class VMNotFound(AgentError):
     """No VM of that name runs (or is stored) on this host."""
 
 
+class HostNetError(AgentError):
+    """Host networking (bridge = vSwitch, taps, tc) failed: the message names the command and its error."""
+
+
+class ScrubError(AgentError):
+    """The RAM backing file of a destroyed guest could not be zeroed (or did not read back as zeros)."""
+
+
 class SecurityError(SecmigError):
     """A security check refused something."""
 
@@ -105,6 +122,14 @@ class AuthenticationError(SecurityError):
 
 class AuthorizationError(SecurityError):
     """An operation has no valid grant (missing, expired, replayed, wrong VM, host or operation)."""
+
+
+class RegisterConflict(AuthorizationError):
+    """The location register refuses: the binding is not the VM's current one, or the move was decided otherwise."""
+
+
+class RegisterUnavailable(SecurityError):
+    """The location register cannot be reached or did not answer: the outcome is unknown, so nothing resumes."""
 
 
 class IntegrityError(SecurityError):

@@ -44,9 +44,6 @@ def test_the_leak_counter_sees_pages_when_they_do_cross(tmp_path: Path) -> None:
     [
         ("exfil-unauthorized-move", "rate", 1.0),
         ("coloc-vswitch-flood", "rate", 1.0),
-        ("migration-storm", "rate", 1.0),
-        ("harvest-precopy", "data", 60.0),
-        ("stalled-switchover", "downtime", 2.5),
     ],
 )
 def test_detection_attacks_are_caught_and_the_vm_destroyed(name: str, rule: str, within_s: float) -> None:
@@ -56,11 +53,20 @@ def test_detection_attacks_are_caught_and_the_vm_destroyed(name: str, rule: str,
     assert r.time_to_detect_s is not None and 0 < r.time_to_detect_s <= within_s
 
 
-def test_low_rate_exfiltration_is_reported_as_it_is() -> None:
-    """The slow leak stays under the thresholds: reported undetected, with what leaked."""
+@pytest.mark.parametrize("name", ["migration-storm", "harvest-precopy"])
+def test_ungranted_migrations_are_refused_at_the_gate(name: str) -> None:
+    """Issue 15: an ungranted migration in the simulator meets the real handshake first and moves no page
+    (it used to send pages until the contact rule noticed: 8,473 in migration-storm)."""
+    r = run_attack(name)
+    assert r.stopped and r.rule == "gate" and r.pages_leaked == 0 and r.vm_fate.startswith("stays on")
+
+
+def test_low_rate_exfiltration_is_caught_at_its_first_bytes() -> None:
+    """The slow leak (a tenth of the preset rate, under every rate threshold) is caught by the contact rule's
+    flow check within one step, before 1 % of what it used to leak in 55 s."""
     r = run_attack("low-rate-exfil")
-    assert not r.stopped and r.pages_leaked > 60_000 and r.vm_fate.startswith("running")
-    assert "10% of its preset rate" in r.detail
+    assert r.stopped and r.rule == "contact" and r.vm_fate == "destroyed"
+    assert r.time_to_detect_s is not None and r.time_to_detect_s <= 0.2 and r.pages_leaked < 600
 
 
 def test_benign_false_alarm_rate_is_at_most_one_percent() -> None:
@@ -131,7 +137,7 @@ def test_experiment_paper_writes_table_and_chart(tmp_path: Path, capsys: pytest.
     """`experiment paper`: Table 6.1 as CSV, Chart 1 as PNG, the verdicts in monitor_events and the report."""
     assert main(["experiment", "paper", "--out", str(tmp_path)]) == 0
     rows = (tmp_path / "table-6-1.csv").read_text().splitlines()
-    assert len(rows) == 5 and rows[0].startswith("vm,move,preset_rate")
+    assert len(rows) == 5 and rows[0].startswith("s_no,vm,preset_iops,start_ms,completion_ms,actual_iops")
     assert sum("identity check failed → destroy" in r for r in rows) == 2
     assert sum(r.split(",")[-1].startswith("authorized") for r in rows[1:]) == 2
     assert (tmp_path / "chart-1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

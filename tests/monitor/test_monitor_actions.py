@@ -43,7 +43,9 @@ def verdict(action: Action, rule: str = "rate") -> Verdict:
         (Action.THROTTLE, True, Action.THROTTLE, ["throttle 10"]),
         (Action.ABORT, True, Action.ABORT, ["challenge", "abort"]),
         (Action.ABORT, False, Action.DESTROY, ["challenge", "abort", "destroy"]),
-        (Action.DESTROY, True, Action.DESTROY, ["abort", "destroy"]),
+        # A destroy asked by a rule follows a failed check only; a VM that passes is kept (migration aborted).
+        (Action.DESTROY, True, Action.ABORT, ["challenge", "abort"]),
+        (Action.DESTROY, False, Action.DESTROY, ["challenge", "abort", "destroy"]),
     ],
 )
 def test_each_action_is_carried_out_and_audited(asked: Action, passes: bool, final: Action, done: list[str]) -> None:

@@ -103,12 +103,13 @@ def test_memory_over_three_times_ram_forces_a_stop_once_per_stream() -> None:
     assert [v.vm for v in m.evaluate(4.0) if v.rule == "data"] == ["calm"]
 
 
-def test_downtime_over_threshold_destroys() -> None:
-    """Paused past 2 s for a stop-and-copy: destroy (eq. 3), said once per pause; after the fact too."""
+def test_downtime_over_threshold_aborts_after_a_check() -> None:
+    """Paused past 2 s for a stop-and-copy (eq. 3): abort, which checks first (a destroy needs a failed check),
+    said once per pause; after the fact too."""
     m = monitor()
     assert m.judge_downtime("vm", 0.5, 1.0) is None
     final = m.judge_downtime("vm", 3.0, 1.0)
-    assert final is not None and final.action is Action.DESTROY
+    assert final is not None and final.action is Action.ABORT
     m.observe(TrafficSample(1.0, "vm", "h", 0.0, paused_s=1.9))
     assert not [v for v in m.evaluate(1.0) if v.rule == "downtime"]
     m.observe(TrafficSample(1.1, "vm", "h", 0.0, paused_s=2.05))
@@ -146,3 +147,28 @@ def test_bad_rule_file_names_rule_and_field(tmp_path: Path, capsys: pytest.Captu
     assert main(["attack", "run", "low-rate-exfil", "--rules", str(p)]) == 2
     err = capsys.readouterr().err
     assert "rate.high_action: 'explode' is not an action" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_non_live_move_is_paused_by_design_and_judged_on_progress() -> None:
+    """A cold move paused 5 s while its stream moves: no verdict; 2 s with no byte: a stall, aborted after a check."""
+    m = monitor()
+    for k in range(1, 51):
+        m.observe(TrafficSample(k * 0.1, "vm", "h", 1 * MB, memory=True, paused_s=k * 0.1, dst="b", live=False))
+    assert not [v for v in m.evaluate(5.0) if v.rule == "downtime"]
+    for k in range(51, 75):
+        m.observe(TrafficSample(k * 0.1, "vm", "h", 0.0, memory=True, paused_s=k * 0.1, dst="b", live=False))
+    (v,) = [v for v in m.evaluate(7.4) if v.rule == "downtime"]
+    assert v.action is Action.ABORT and v.evidence["stalled_s"] == pytest.approx(2.4)
+
+
+def test_first_contact_and_each_ram_fraction_to_a_destination_ask_for_a_check() -> None:
+    """The contact rule once per new destination; the volume rule each further ½ RAM sent to one host."""
+    m = monitor()  # RAM 1 GiB
+    m.observe(TrafficSample(0.1, "vm", "h", 1e3, memory=False, dst="peer"))
+    assert [(v.rule, v.evidence["destination"]) for v in m.evaluate(0.1)] == [("contact", "peer")]
+    m.observe(TrafficSample(0.2, "vm", "h", 1e3, memory=False, dst="peer"))
+    assert m.evaluate(0.2) == []
+    m.observe(TrafficSample(0.3, "vm", "h", 0.6 * GIB, memory=False, dst="peer"))
+    assert [v.rule for v in m.evaluate(0.3) if v.rule in ("contact", "volume")] == ["volume"]
+    m.observe(TrafficSample(0.4, "vm", "h", 0.1 * GIB, memory=False, dst="peer"))
+    assert not [v for v in m.evaluate(0.4) if v.rule == "volume"]  # next mark at 1 GiB

@@ -10,7 +10,8 @@
     peers:                             # other hosts: "address:port" of their agents
       hv-b: 10.0.0.2:7300
     migration: {policy: qemu, downtime_limit: 300ms, max_time: 60s, max_bandwidth: null, batch_pages: 512}
-    monitor: {enabled: true, rules: null, preset_rate: 2GB/s, vswitch: vs0, interval: 100ms}
+    monitor: {enabled: true, rules: null, preset_rate: 2GB/s, vswitch: vs0, interval: 100ms,
+              nic_monitor: false, vswitch_capacity: {br0: 1Gbit/s}}
     qemu: {binary: qemu-system-x86_64, accel: tcg, tls_port: null}
 
 A mistake is one line naming the file, the field and the value (a :class:`~secmig.errors.ConfigError`).
@@ -104,6 +105,10 @@ class MonitorSection(_Section):
     """A VM's preset transfer rate, the monitor's reference for LOW/MEDIUM/HIGH."""
     vswitch: str = "vs0"
     interval: Duration = Field(default=0.1, gt=0)
+    nic_monitor: bool = False
+    """Also judge every QEMU VM's NICs (taps on their bridges): counters, ICMP RTT, each NIC's preset."""
+    vswitch_capacity: dict[str, Bandwidth] = Field(default_factory=dict)
+    """Each bridge's (vSwitch's) capacity, for the NIC monitor's vSwitch rule; a bridge not listed has none."""
 
 
 class QemuSection(_Section):

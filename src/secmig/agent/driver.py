@@ -27,10 +27,12 @@ from secmig.agent.channel import SecureChannel
 from secmig.agent.config import HostConfig
 from secmig.agent.manifest import Manifest
 from secmig.agent.report import MigrationHandle, MigrationReport
+from secmig.agent.vmstate import VMStore
 from secmig.agent.vocab import DataPlane, DriverKind
 from secmig.errors import MigrationError
 from secmig.security.audit import AuditSink
 from secmig.security.cluster import ClusterTrust, HostIdentity
+from secmig.security.credentials import LocationBinding
 from secmig.security.events import Authorized
 from secmig.security.policy import Operation
 
@@ -48,6 +50,8 @@ class DriverContext:
     """The cluster's trust material, read afresh (qemu-tls writes QEMU's CA from it)."""
     listen_port: Callable[[], int]
     """The port this host's migration listener is bound to (the config may say 0)."""
+    vm_store: VMStore | None = None
+    """Where a driver keeps what must survive the agent's crash (``STATE_DIR/vms``; see :mod:`.vmstate`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +64,14 @@ class SendRequest:
     data_plane: DataPlane
     downtime_limit_s: float | None
     """Overrides the host's configured downtime limit for this migration."""
+    auto_converge: bool = False
+    """QEMU: throttle the guest's vCPUs when pre-copy does not converge (QEMU's ``auto-converge``)."""
+    postcopy: bool = False
+    """QEMU: switch to post-copy after the first pass (QEMU's ``postcopy-ram``; qemu-tls only)."""
+    clone_binding: LocationBinding | None = None
+    """clone, template: the new VM's signed location binding (new id, new MAC, the destination)."""
+    manifest: Manifest | None = None
+    """The manifest sent in round 0 (set by the daemon once it is built; its digest is in the hello)."""
 
 
 VM = TypeVar("VM")
@@ -87,15 +99,17 @@ class VMDriver(Protocol[VM]):
         ...
 
     async def resume(self, vm: VM) -> None:
-        """Run the guest again (after a copy, clone or template: the source keeps running)."""
+        """Run the guest (again): a source after a copy, clone or template, or a move the register kept
+        here; a received VM once the register moved it here."""
         ...
 
     async def stop(self, vm: VM) -> None:
-        """Stop the guest for good (operator stop, agent shutdown)."""
+        """Stop the guest for good (agent shutdown). A copy in doubt (after COMMIT, after the vote) is kept
+        where a restarted agent finds it, for the register to decide; any other is gone."""
         ...
 
     async def destroy(self, vm: VM) -> None:
-        """Self-destruction, or release after the destination committed: stopped, memory gone."""
+        """Self-destruction, or release after the register moved the VM: stopped, memory zeroed."""
         ...
 
     def check_send(self, vm: VM, request: SendRequest) -> None:
@@ -113,19 +127,26 @@ class VMDriver(Protocol[VM]):
     async def send(
         self, vm: VM, channel: SecureChannel, auth: Authorized, handle: MigrationHandle, request: SendRequest
     ) -> MigrationReport:
-        """Move ``vm`` over an authorized channel whose round 0 held the manifest, up to COMMITTED.
+        """Move ``vm`` over an authorized channel whose round 0 held the manifest, up to the destination's
+        vote (PREPARED); the daemon then asks the location register and confirms (see
+        :mod:`secmig.security.state`).
 
-        On success the source copy is paused (or, for QEMU, finished) and still intact: the daemon
-        releases or resumes it. On any failure before COMMITTED the VM runs here again.
+        On success the source copy is paused and intact: the daemon releases it once the register holds
+        the new epoch, or resumes it (a copy, clone or template; a move the register kept here). On a
+        failure before COMMIT went out the VM runs here again; after it, the VM stays paused and the
+        error is raised: only the register's answer may resume or release it.
         """
         ...
 
     async def receive(
         self, channel: SecureChannel, auth: Authorized, handle: MigrationHandle, manifest: Manifest
     ) -> VM:
-        """Take a VM in, up to and including sending COMMITTED; it runs when the operation relocates it.
+        """Take a VM in, up to and including its vote (PREPARED); returns it loaded and *not running*.
 
-        On any failure nothing is installed and what was received is discarded.
+        The daemon resumes it only once the source confirmed and the location register holds the new
+        epoch here (a copy, clone or template stays paused, stored); then it sends COMMITTED. On any
+        failure before the vote nothing is installed and what was received is discarded (zeroed);
+        after the vote the copy is kept for the register's answer.
         """
         ...
 

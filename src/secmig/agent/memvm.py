@@ -6,6 +6,10 @@ bitmap *after* writing it, so a page synced and then read by the migration is ei
 or marked again for the next round (the same guarantee KVM's write-protection gives QEMU). ``pause``
 returns only when no write is in flight, so the stop-and-copy reads a frozen memory.
 
+A VM's RAM may live in a file (:func:`open_ram`: a shared mapping of ``STATE_DIR/vms/<vm>.ram``), so that
+what the guest wrote outlives a crash of the agent's process (see :mod:`secmig.agent.vmstate`);
+:meth:`MemoryVM.destroy` zeroes it either way.
+
 Nothing here knows about sockets or the protocol; :mod:`secmig.agent.drivers.memory` drives it (it is a
 :class:`~secmig.agent.precopy_driver.PageSource`).
 """
@@ -14,9 +18,11 @@ from __future__ import annotations
 
 import enum
 import json
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -85,12 +91,16 @@ class MemoryVM:
 
     page_size = PAGE_SIZE
 
-    def __init__(self, name: str, spec: WorkloadSpec, memory: npt.NDArray[np.uint8] | None = None) -> None:
+    def __init__(
+        self, name: str, spec: WorkloadSpec, memory: npt.NDArray[np.uint8] | None = None, *, boot: bool = False
+    ) -> None:
         self.name = name
         self.spec = spec
         if memory is None:
             # np.zeros is calloc: untouched pages cost nothing until written, like a fresh guest.
             memory = np.zeros(spec.ram_bytes, dtype=np.uint8)
+            boot = True
+        if boot:
             self._boot_fill(memory)
         elif memory.shape != (spec.ram_bytes,) or memory.dtype != np.uint8:
             raise ConfigError(f"VM {name}: memory buffer does not match {spec.ram_bytes} bytes of RAM")
@@ -208,7 +218,7 @@ class MemoryVM:
 
     def device_state(self) -> bytes:
         """The "CPU and device state": the workload's spec and its write counter."""
-        return json.dumps({"spec": self.spec.to_json(), "writes": self.writes}).encode()
+        return device_state_of(self.spec, self.writes)
 
     def describe(self) -> dict[str, object]:
         """One row of ``secmig vm list``."""
@@ -221,10 +231,30 @@ class MemoryVM:
         }
 
 
+def open_ram(path: Path, ram_bytes: int, *, create: bool) -> npt.NDArray[np.uint8]:
+    """A VM's RAM as a shared mapping of ``path``: a new sparse zeroed file (``create``), or an existing
+    one of exactly ``ram_bytes`` (ConfigError otherwise). Writes reach the page cache, which keeps them
+    when the process dies."""
+    if create:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.ftruncate(fd, ram_bytes)
+        finally:
+            os.close(fd)
+    elif not path.is_file() or path.stat().st_size != ram_bytes:
+        raise ConfigError(f"{path}: not a RAM file of {ram_bytes} bytes")
+    return np.memmap(path, dtype=np.uint8, mode="r+", shape=(ram_bytes,))
+
+
 def write_pages(memory: npt.NDArray[np.uint8], pages: tuple[int, ...], data: bytes | bytearray | memoryview) -> None:
     """Put received pages into a destination's buffer (one vectorised copy per batch)."""
     rows = memory.reshape(-1, PAGE_SIZE)
     rows[np.asarray(pages, dtype=np.intp)] = np.frombuffer(data, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+
+
+def device_state_of(spec: WorkloadSpec, writes: int) -> bytes:
+    """The device state :meth:`MemoryVM.device_state` would give (for a VM re-adopted from its files)."""
+    return json.dumps({"spec": spec.to_json(), "writes": writes}).encode()
 
 
 def restore(name: str, memory: npt.NDArray[np.uint8], device_state: bytes) -> MemoryVM:

@@ -3,7 +3,10 @@
 :class:`MonitorHook` is the narrow interface the daemon calls (watch a VM, feed it samples, tick). The
 real implementation, :class:`RulesMonitor`, wraps :class:`secmig.monitor.Enforcer` — the same monitor
 and the same ``carry_out`` the simulator runs — with the agent as the
-:class:`~secmig.monitor.Responder`, so the agents enforce exactly the rules of the simulation.
+:class:`~secmig.monitor.Responder`, so the agents enforce exactly the rules of the simulation: a cold
+``move`` is paused by design (judged on progress, not on its pause), a stall aborts the migration after
+a passed check (the VM stays on its source), and a destroy always follows a failed check of the flow's
+grant.
 """
 
 from __future__ import annotations
@@ -25,8 +28,19 @@ class MonitorHook(Protocol):
         """Stop judging ``vm``."""
         ...
 
-    def sample(self, vm: str, t_s: float, nbytes: int, *, flow: str = "", paused_s: float = 0.0) -> None:
-        """``nbytes`` of ``vm``'s memory moved since the previous sample (``paused_s``: its stop-and-copy so far)."""
+    def sample(
+        self,
+        vm: str,
+        t_s: float,
+        nbytes: int,
+        *,
+        flow: str = "",
+        paused_s: float = 0.0,
+        dst: str = "",
+        live: bool = True,
+    ) -> None:
+        """``nbytes`` of ``vm``'s memory moved to host ``dst`` since the previous sample (``paused_s``: its
+        stop-and-copy so far; ``live``: False for a cold move, paused by design)."""
         ...
 
     def tick(self, now_s: float) -> list[Verdict]:
@@ -60,10 +74,22 @@ class RulesMonitor:
         """Forget ``vm``."""
         self.enforcer.monitor.forget(vm)
 
-    def sample(self, vm: str, t_s: float, nbytes: int, *, flow: str = "", paused_s: float = 0.0) -> None:
-        """Account a byte-counter delta of a migration stream (memory, by construction)."""
+    def sample(
+        self,
+        vm: str,
+        t_s: float,
+        nbytes: int,
+        *,
+        flow: str = "",
+        paused_s: float = 0.0,
+        dst: str = "",
+        live: bool = True,
+    ) -> None:
+        """Account a byte-counter delta of a migration stream (memory, by construction) to host ``dst``."""
         self.enforcer.observe(
-            TrafficSample(t_s, vm, self._vswitch, float(nbytes), flow=flow, memory=True, paused_s=paused_s)
+            TrafficSample(
+                t_s, vm, self._vswitch, float(nbytes), flow=flow, memory=True, paused_s=paused_s, dst=dst, live=live
+            )
         )
 
     def tick(self, now_s: float) -> list[Verdict]:

@@ -6,7 +6,10 @@
 as QEMU skips zero pages), each later round the pages the strategy says of those dirtied meanwhile,
 and when the strategy says stop, the source is paused, what is left and the device state are sent,
 and COMMIT carries the memory digest built from the per-page digests of what was sent. The core yields
-the protocol events to send and says when it waits for COMMITTED; it never does I/O.
+the protocol events to send and says when it waits for the destination's vote (PREPARED); it never does
+I/O. With ``confirm`` (the in-memory links, which run no location register) it then confirms at once
+and waits for COMMITTED; without it (the agents) it stops at the vote, and the caller asks the register
+before it confirms (see :mod:`secmig.security.state` for the commit).
 
 Under a policy with QEMU's in-round rule (``check_in_round``), a round sends the number of pages the
 strategy names, lowest page numbers first (QEMU walks its bitmap in address order), and carries the
@@ -18,7 +21,7 @@ Two links run the core: :func:`drive_async` over anything with ``async send`` / 
 (:class:`~secmig.security.loopback.ConnectionPair`), which the attack lab and the protocol tests use.
 
 What it must not do: decide anything about security (the connection does), or release the source
-(the caller does, once COMMITTED is in).
+(the caller does, once the register holds the new epoch).
 """
 
 from __future__ import annotations
@@ -46,8 +49,10 @@ from secmig.security.events import (
     Aborted,
     Commit,
     Committed,
+    Confirm,
     DeviceState,
     PageBatch,
+    Prepared,
     ReceivedEvent,
     Role,
     RoundEnd,
@@ -56,6 +61,7 @@ from secmig.security.events import (
     StopAndCopy,
 )
 from secmig.security.loopback import ConnectionPair
+from secmig.security.state import RUNNER
 
 Pages = npt.NDArray[np.intp]
 COMMIT_TIMEOUT_S = 30.0
@@ -136,6 +142,8 @@ class PreCopySender:
     resend: Sequence[int] = ()
     """Page slots round 0 sends even when zero (the agents' manifest slot, so the digest covers the VM)."""
     commit_timeout_s: float = COMMIT_TIMEOUT_S
+    confirm: bool = True
+    """Confirm as soon as the destination voted (no register: in-memory links); False stops at the vote."""
     memory_digest: Callable[[], bytes] | None = None
     """When given: the source's whole-memory digest, checked against what was sent before COMMIT."""
     hooks: SendHooks = field(default_factory=SendHooks)
@@ -230,11 +238,10 @@ class PreCopySender:
                     raise IntegrityError("source memory changed after it was sent (dirty tracking lost a write)")
                 yield Commit(self.digest)
                 answer = yield AwaitCommitted(self.commit_timeout_s)
-                if isinstance(answer, Aborted):
-                    raise answer.as_error()
-                if not isinstance(answer, Committed):
-                    got = "nothing" if answer is None else type(answer).__name__
-                    raise MigrationError(f"expected COMMITTED, got {got}")
+                _expect(answer, Prepared)
+                if self.confirm:
+                    yield Confirm(self.digest)
+                    _expect((yield AwaitCommitted(self.commit_timeout_s)), Committed)
                 assert self.paused_at is not None
                 self.downtime_s = self.clock() - self.paused_at
                 action = strategy.stop_and_copy_done(now())
@@ -245,6 +252,14 @@ class PreCopySender:
                 raise MigrationAborted(action.reason)
             else:  # pragma: no cover - pre-copy never pushes
                 raise MigrationError(f"unexpected strategy action {action!r}")
+
+
+def _expect(answer: ReceivedEvent | None, kind: type[Prepared] | type[Committed]) -> None:
+    if isinstance(answer, Aborted):
+        raise answer.as_error()
+    if not isinstance(answer, kind):
+        got = "nothing" if answer is None else type(answer).__name__
+        raise MigrationError(f"expected {kind.__name__.upper()}, got {got}")
 
 
 class AsyncLink(Protocol):
@@ -315,7 +330,9 @@ class LoopbackLink:
 
 
 def drive_sync(sender: PreCopySender, link: LoopbackLink) -> Finished:
-    """Run ``sender`` over an in-memory link; on failure the source is resumed and the error raised."""
+    """Run ``sender`` over an in-memory link; on failure the source is resumed and the error raised — unless
+    the failure came after the commit point, where the state table lets nobody run the VM (there is no
+    register on an in-memory link to decide: the lab's VM stays paused)."""
     steps = sender.steps()
     reply: ReceivedEvent | None = None
     try:
@@ -329,7 +346,8 @@ def drive_sync(sender: PreCopySender, link: LoopbackLink) -> Finished:
             if not isinstance(step, AwaitCommitted):
                 link.send(step)
     except BaseException:
-        sender.recover()
+        if RUNNER[link.pair.source.state] is Role.SOURCE:
+            sender.recover()
         raise
 
 

@@ -17,6 +17,8 @@ from secmig.errors import MigrationAborted
 from secmig.migration import RoundRecord
 from secmig.migration.result import MigrationResult
 from secmig.security.events import Role
+from secmig.security.grants import Grant
+from secmig.security.policy import Operation
 
 _FLOW_IDS = itertools.count(1)
 Figure = float | int | str | bool | None
@@ -150,6 +152,15 @@ class MigrationHandle:
         """When the VM was paused for the stop-and-copy (monotonic), for the monitor's downtime rule."""
         self.rate_cap_bytes_per_s: float | None = None
         """Set by the monitor's throttle."""
+        self.operation: Operation | None = None
+        """The operation this flow carries out (the monitor: is it live, is it authorized)."""
+        self.grant: Grant | None = None
+        """The grant the source presented for this flow: what the monitor's identity check re-verifies."""
+
+    def authorize(self, operation: Operation, grant: Grant | None) -> None:
+        """Record the operation and the grant that authorize this flow (the monitor's identity check)."""
+        self.operation = operation
+        self.grant = grant
 
     def count(self, nbytes: int) -> None:
         """Account bytes that crossed for this VM (what the monitor samples)."""

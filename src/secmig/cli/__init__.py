@@ -40,7 +40,7 @@ def option_value(option: str, parser: Callable[[str], T], value: str) -> T:
 
 def _register() -> None:
     # Imported for their side effect of adding commands to ``app``.
-    from secmig.cli import agent, attack, calibrate, experiment, report, security, sim  # noqa: F401
+    from secmig.cli import agent, attack, calibrate, consolidate, experiment, guest, report, security, sim  # noqa: F401
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,8 @@
-"""``secmig agent run``, ``secmig vm list|start|stop`` and ``secmig migrate``: the real agents.
+"""``secmig agent run``, ``secmig vm define|list|start|stop`` and ``secmig migrate``: the real agents.
+
+``vm define FILE`` validates a VM definition (:mod:`secmig.agent.vmdef`) and stores it on the agent;
+``vm start NAME`` boots it. ``migrate --op clone|template`` signs the new VM's binding (``--new-name``,
+``--new-mac``), and every grant signed here binds the manifest the agent will send (its digest).
 
 ``agent run`` is the daemon; the other commands talk to it over its control socket (``--config
 host.yaml`` names it, or ``--socket PATH``, or ``$SECMIG_AGENT_SOCKET``). ``vm start`` and ``migrate``
@@ -28,11 +32,11 @@ from secmig.errors import ConfigError
 from secmig.model.units import format_bytes, format_duration, parse_duration, parse_rate, parse_size
 from secmig.security.cluster import Cluster, load_document
 from secmig.security.credentials import LocationBinding
-from secmig.security.grants import Grant
-from secmig.security.policy import AUTHORITY, parse_operation
+from secmig.security.grants import Grant, bind_manifest
+from secmig.security.policy import AUTHORITY, Operation, parse_operation
 
 agent_app = typer.Typer(help="The per-host daemon that migrates VMs securely.")
-vm_app = typer.Typer(help="VMs of the local agent: list, start, stop.")
+vm_app = typer.Typer(help="VMs of the local agent: define, list, start, stop.")
 app.add_typer(agent_app, name="agent")
 app.add_typer(vm_app, name="vm")
 
@@ -42,6 +46,7 @@ ClusterOpt = Annotated[
     Path | None, typer.Option("--cluster", "-c", help="Cluster directory to sign bindings and grants with.")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document.")]
+DEFAULT_MAC = "52:54:00:00:00:01"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -117,7 +122,27 @@ def vm_list(config: ConfigOpt = None, socket: SocketOpt = None, as_json: JsonOpt
     for r in rows:
         epoch = "—" if r.get("binding_epoch") is None else f"epoch {r['binding_epoch']}"
         table.add_row(r["name"], r["driver"], r["state"], format_bytes(r["ram_bytes"]), epoch, r.get("mac") or "—")
+    running = {r["name"] for r in rows}
+    for d in client.call_sync("vm.definitions"):
+        if d["name"] not in running:
+            mac = d["nics"][0]["mac"] if d.get("nics") else "—"
+            table.add_row(d["name"], "qemu", "defined", format_bytes(d["memory"]), "—", mac)
     console.print(table)
+
+
+@vm_app.command("define")
+def vm_define(
+    file: Annotated[Path, typer.Argument(help="A VM definition (YAML); see examples/vm/linux-guest.yaml.")],
+    config: ConfigOpt = None,
+    socket: SocketOpt = None,
+) -> None:
+    """Validate a QEMU VM definition and store it on the local agent (``vm start NAME`` boots it)."""
+    from secmig.agent.vmdef import load_definition
+
+    defn = load_definition(file)
+    doc = _client(config, socket).call_sync("vm.define", definition=defn.to_json(), source=file.name)
+    nics = ", ".join(f"{n['mac']} on {n['bridge']}" for n in doc["nics"]) or "no NIC"
+    console.print(f"VM {doc['name']} defined ({format_bytes(doc['memory'])}, {doc['vcpus']} vCPU, {nics})")
 
 
 @vm_app.command("start")
@@ -128,7 +153,9 @@ def vm_start(
     used: Annotated[str | None, typer.Option(help="memory: data at boot (default half the RAM).")] = None,
     working_set: Annotated[str, typer.Option(help="Memory the guest keeps dirtying.")] = "32MiB",
     dirty_rate: Annotated[str, typer.Option(help="Page writes per second, e.g. 5000pages/s.")] = "5000pages/s",
-    mac: Annotated[str, typer.Option(help="The VM's MAC (in its location binding).")] = "52:54:00:00:00:01",
+    mac: Annotated[
+        str | None, typer.Option(help="The VM's MAC (in its binding; default: its definition's first NIC's).")
+    ] = None,
     binding: Annotated[Path | None, typer.Option(help="A binding file (else one is signed here).")] = None,
     no_binding: Annotated[bool, typer.Option("--no-binding", help="Run without a binding (cannot migrate).")] = False,
     issuer: Annotated[
@@ -140,6 +167,11 @@ def vm_start(
 ) -> None:
     """Start a VM on the local agent, bound to this host."""
     client = _client(config, socket)
+    defined = client.call_sync("vm.definition", name=name)
+    if defined is not None:  # a definition stored with ``vm define``: boot it
+        driver = DriverKind.QEMU.value
+        if mac is None and defined.get("nics"):
+            mac = defined["nics"][0]["mac"]
     ram_b = option_value("--ram", parse_size, ram)
     ws_b = option_value("--working-set", parse_size, working_set)
     rate = option_value("--dirty-rate", parse_rate, dirty_rate).in_pages_per_s()
@@ -151,6 +183,8 @@ def vm_start(
             "working_set_bytes": ws_b,
             "dirty_rate_pages_per_s": rate,
         }
+    elif defined is not None:
+        spec = {}
     else:
         spec = {"ram_bytes": ram_b, "working_set_bytes": ws_b, "rate_pages_per_s": int(rate)}
     doc: dict[str, Any] | None = None
@@ -159,7 +193,7 @@ def vm_start(
         doc = b.to_json()
     elif not no_binding:
         host = client.call_sync("status")["host_id"]
-        doc = _cluster(cluster, config).issue_binding(name, mac, host, issuer=issuer).to_json()
+        doc = _cluster(cluster, config).issue_binding(name, mac or DEFAULT_MAC, host, issuer=issuer).to_json()
     row = client.call_sync("vm.start", name=name, driver=kind.value, spec=spec, binding=doc)
     console.print(f"VM {row['name']} ({row['driver']}, {format_bytes(row['ram_bytes'])}) {row['state']}")
 
@@ -173,6 +207,10 @@ def vm_stop(
     console.print(f"VM {name} stopped")
 
 
+def _random_mac() -> str:
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in os.urandom(3))
+
+
 @app.command("migrate")
 def migrate_cmd(
     vm: Annotated[str, typer.Argument(help="VM id on the local agent.")],
@@ -184,6 +222,12 @@ def migrate_cmd(
     address: Annotated[str | None, typer.Option(help="The destination agent's host:port (else peers).")] = None,
     data_plane: Annotated[str, typer.Option(help="QEMU VMs: relay or qemu-tls.")] = "relay",
     downtime_limit: Annotated[str | None, typer.Option(help="e.g. 300ms (default: host.yaml's).")] = None,
+    new_name: Annotated[str | None, typer.Option(help="clone, template: the new VM's id.")] = None,
+    new_mac: Annotated[str | None, typer.Option(help="clone: the new VM's MAC (default: a random one).")] = None,
+    new_binding: Annotated[Path | None, typer.Option(help="clone, template: the new VM's binding file.")] = None,
+    from_template: Annotated[bool, typer.Option("--from-template", help="clone a template stored here.")] = False,
+    auto_converge: Annotated[bool, typer.Option("--auto-converge", help="QEMU's auto-converge.")] = False,
+    postcopy: Annotated[bool, typer.Option("--postcopy", help="migrate over qemu-tls: switch to post-copy.")] = False,
     cluster: ClusterOpt = None,
     config: ConfigOpt = None,
     socket: SocketOpt = None,
@@ -194,6 +238,25 @@ def migrate_cmd(
     operation = parse_operation(op)
     plane = parse_data_plane(data_plane)
     limit = option_value("--downtime-limit", parse_duration, downtime_limit) if downtime_limit else None
+    clone_doc: dict[str, Any] | None = None
+    if new_binding is not None:
+        clone_doc = load_document(new_binding, LocationBinding).to_json()
+    elif operation in (Operation.CLONE, Operation.TEMPLATE) and grant is None:
+        suffix = "template" if operation is Operation.TEMPLATE else "clone"
+        name = new_name or f"{vm[:50]}-{suffix}-{os.urandom(2).hex()}"
+        mac = new_mac or _random_mac()
+        if operation is Operation.TEMPLATE and new_mac is None:
+            bdoc = client.call_sync("vm.binding", name=vm)
+            mac = LocationBinding.from_json(bdoc).vm_mac if bdoc else mac
+        clone_doc = _cluster(cluster, config).issue_binding(name, mac, to, issuer=issuer).to_json()
+    options: dict[str, Any] = {
+        "address": address,
+        "data_plane": plane.value,
+        "clone_binding": clone_doc,
+        "from_template": from_template,
+        "auto_converge": auto_converge,
+        "postcopy": postcopy,
+    }
     if grant is not None:
         g = load_document(grant, Grant)
         grant_doc = g.to_json()
@@ -202,20 +265,21 @@ def migrate_cmd(
         bdoc = client.call_sync("vm.binding", name=vm)
         current = LocationBinding.from_json(bdoc) if bdoc else None
         ttl_s = option_value("--ttl", parse_duration, ttl)
-        grant_doc = (
-            _cluster(cluster, config)
-            .issue_grant(operation, vm, host, to, ttl_s=ttl_s, issuer=issuer, current_binding=current)
-            .to_json()
+        signer = _cluster(cluster, config)
+        unbound = signer.issue_grant(operation, vm, host, to, ttl_s=ttl_s, issuer=issuer, current_binding=current)
+        # The grant binds exactly the manifest (driver, VM definition, new identity) the agent will send.
+        digest = bytes.fromhex(
+            client.call_sync("vm.manifest", name=vm, to=to, operation=operation.value, **options)["digest"]
         )
+        grant_doc = bind_manifest(unbound, digest, signer.issuer_key(issuer)).to_json()
     report = client.call_sync(
         "migrate",
         name=vm,
         to=to,
         operation=operation.value,
         grant=grant_doc,
-        address=address,
-        data_plane=plane.value,
         downtime_limit_s=limit,
+        **options,
     )
     if as_json:
         console.print_json(json.dumps(report))

@@ -77,7 +77,7 @@ def run_attacks(
     ] = None,
 ) -> None:
     """Run attacks: stopped or not, by which rule, how fast, the pages that reached the attacker, the VM's fate."""
-    from secmig.lab.attacks import attack_names, false_alarm_rate, run_attack_full
+    from secmig.lab.attacks import attack_names, false_alarm_rate, run_attack_full, slow_exfil_floor
     from secmig.monitor.rules import load_rules
 
     ruleset = load_rules(rules)
@@ -133,6 +133,9 @@ def run_attacks(
             + ("all passed" if all(r.stopped for r in benign) else "some failed"),
             highlight=False,
         )
+    if name == "all":
+        floor = slow_exfil_floor(ruleset)
+        console.print(floor.describe(), highlight=False)
     if out is not None:
         with (out / "attacks.csv").open("w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)

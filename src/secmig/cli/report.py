@@ -27,8 +27,15 @@ def write_run_report(db: Path, run_id: int, export_dir: Path) -> Path:
 
 @app.command()
 def report(
-    run: Annotated[str, typer.Argument(help="Run id in the database, or 'latest'.")] = "latest",
-    db: Annotated[Path, typer.Option("--db", help="Results database.")] = Path("secmig-out/secmig.sqlite"),
+    run: Annotated[
+        str,
+        typer.Argument(
+            help="Run id in the database, 'latest', or a results database / --out folder (its latest run)."
+        ),
+    ] = "latest",
+    db: Annotated[
+        Path, typer.Option("--db", help="Results database, or the folder holding its secmig.sqlite.")
+    ] = Path("secmig-out/secmig.sqlite"),
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="HTML file to write (default: DB-FOLDER/NAME-runID/report.html).")
     ] = None,
@@ -36,9 +43,14 @@ def report(
         Path | None, typer.Option("--audit", help="An audit log (SQLite) to summarise in the report.")
     ] = None,
 ) -> None:
-    """Write the self-contained HTML report of a stored run: summary, migrations, rounds, links, monitor, audit."""
+    """Write the self-contained HTML report of a stored run: summary, migrations, rounds, links, monitor, audit
+    (a consolidation day: its figures, energy and active hosts, migrations per interval, monitor, audit)."""
     from secmig.report import latest_run_id, write_report
 
+    if run not in ("latest",) and not run.lstrip("-").isdigit() and Path(run).exists():
+        db, run = Path(run), "latest"
+    if db.is_dir():
+        db = db / "secmig.sqlite"
     if run == "latest":
         run_id = latest_run_id(db)
     else:

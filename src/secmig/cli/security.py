@@ -16,9 +16,9 @@ from rich.table import Table
 
 from secmig.cli import app, console
 from secmig.errors import AuditError, ConfigError, SecmigError
-from secmig.model.units import parse_duration
-from secmig.security.audit import read_records, verify_audit_log
-from secmig.security.cluster import Cluster, load_document, write_document
+from secmig.model.units import parse_duration, parse_size
+from secmig.security.audit import head_owner, read_records, verify_audit_log
+from secmig.security.cluster import DEFAULT_GRANT_MEMORY_BYTES, Cluster, load_document, write_document
 from secmig.security.credentials import LocationBinding
 from secmig.security.grants import Grant
 from secmig.security.keys import public_key_from_raw
@@ -46,6 +46,16 @@ def _open(cluster: Path | None) -> Cluster:
 
 def _when(ts: float) -> str:
     return dt.datetime.fromtimestamp(ts, tz=dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _size(value: str, option: str) -> int:
+    try:
+        size = parse_size(value)
+    except SecmigError as err:
+        raise ConfigError(f"{option} {value!r}: {err}") from err
+    if size <= 0:
+        raise ConfigError(f"{option} {value!r}: must be positive")
+    return size
 
 
 def _duration(value: str, option: str) -> float:
@@ -130,6 +140,16 @@ def cluster_operator(
     rule = c.add_operator(name, [parse_operation(o) for o in op], vm or ["*"], host or ["*"])
     ops = ", ".join(sorted(o.value for o in rule.operations))
     console.print(f"operator {name} may grant {ops}; key {c.root / 'operators' / (name + '.key')} (0600)")
+    console.print(f"  policy.yaml signed by the authority, serial {c.policy().serial}")
+
+
+@cluster_app.command("sign-policy")
+def cluster_sign_policy(cluster: ClusterOpt = None) -> None:
+    """Sign policy.yaml as it stands with the authority key (the next serial): for a file written before
+    policies were signed. Review it first: hosts accept whatever it says once signed."""
+    c = _open(cluster)
+    policy = c.sign_policy()
+    console.print(f"{c.root / 'policy.yaml'}: {len(policy.operators)} operator rule(s) signed, serial {policy.serial}")
 
 
 @cluster_app.command("bind")
@@ -159,9 +179,12 @@ def cluster_grant(
     new_mac: Annotated[str | None, typer.Option("--new-mac", help="The VM's MAC at the destination.")] = None,
     ttl: Annotated[str, typer.Option(help="Validity, e.g. 5min.")] = "5min",
     issuer: Annotated[str, typer.Option("--as", help="Sign as the authority or this operator.")] = AUTHORITY,
+    memory: Annotated[
+        str | None, typer.Option("--memory", help="The VM's memory size, e.g. 768MiB (a larger claim is refused).")
+    ] = None,
     cluster: ClusterOpt = None,
 ) -> None:
-    """Sign a single-use grant for one operation on one VM between two hosts."""
+    """Sign a single-use grant for one operation on one VM (of at most --memory) between two hosts."""
     current = None
     if binding is not None:
         doc = load_document(binding, LocationBinding)
@@ -176,6 +199,7 @@ def cluster_grant(
         issuer=issuer,
         current_binding=current,
         new_mac=new_mac,
+        memory_bytes=DEFAULT_GRANT_MEMORY_BYTES if memory is None else _size(memory, "--memory"),
     )
     write_document(out, grant)
     console.print(
@@ -207,20 +231,40 @@ def _db(db: Path | None, cluster: Path | None) -> Path:
 @audit_app.command("verify")
 def audit_verify(
     db: Annotated[Path | None, typer.Option("--db", help="Audit database (default: the cluster's audit.db).")] = None,
+    owner: Annotated[
+        str | None,
+        typer.Option(
+            "--owner",
+            help="Whose log it must be: 'authority' or a host id (default: the cluster's "
+            "own log is the authority's; another log names its owner in its head).",
+        ),
+    ] = None,
     cluster: ClusterOpt = None,
 ) -> None:
-    """Check the hash chain and the signed head; fail on any edited, inserted or deleted row."""
+    """Check the hash chain and the signed head; fail on any edited, inserted or deleted row, and on a head
+    not signed by the log owner's own, unrevoked key."""
     path = _db(db, cluster)
     root = cluster or _default_cluster()
     trusted = None
+    bound = None
     if (root / "cluster.json").exists():
         c = Cluster(root)
-        # The head must be signed by the authority or a member: a log re-signed with a fresh key is refused.
-        trusted = [c.authority_public] + [public_key_from_raw(c.host_identity_public(m.host_id)) for m in c.members()]
-    report = verify_audit_log(path, trusted)
+        # The head must be signed by the authority or a current member: a log re-signed with a fresh key is refused.
+        trusted = [c.authority_public] + [
+            public_key_from_raw(c.host_identity_public(m.host_id)) for m in c.members() if not m.revoked
+        ]
+        name = owner or (AUTHORITY if db is None else head_owner(path) or AUTHORITY)
+        bound = c.audit_owner(name)
+    elif owner is not None:
+        raise ConfigError(f"--owner {owner}: needs the cluster directory to find the owner's key")
+    report = verify_audit_log(path, trusted, owner=bound)
     if not report.ok:
         raise AuditError(f"{path}: audit log fails verification: " + "; ".join(report.problems))
-    anchor = "a cluster key" if trusted is not None else "the key stored in the log (no cluster directory to anchor it)"
+    anchor = (
+        f"the key of its owner {bound.name}"
+        if bound is not None
+        else "the key stored in the log (no cluster directory to anchor it)"
+    )
     console.print(f"{path}: {report.rows} rows intact; head signed by {report.signer}, {anchor}")
 
 

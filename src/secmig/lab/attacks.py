@@ -8,8 +8,14 @@ Two kinds of attack:
   that reached the attacker are counted from what actually crossed, never assumed.
 - **detection** attacks are scenarios (``scenarios/attacks/*.yaml``) run in the simulator with the
   monitor attached: memory copied out of a VM with no grant (fast, or slowly to stay under the
-  thresholds), a co-located VM flooding the vSwitch, a migration storm. Their pages leaked are the
-  bytes that left before the VM was destroyed.
+  thresholds; to an outsider or to a compromised cluster member), a co-located VM flooding the vSwitch,
+  a migration storm, a flood of the WAN at an honest VM's switchover. Their pages leaked are the bytes
+  of the target's memory that reached any host with no grant for them, member or not. An attack is
+  stopped when the monitor acted on its target, or when it was harmless: nothing leaked and the target
+  was not destroyed (a granted move that was merely slow, say).
+
+The slow-exfiltration floor (:func:`slow_exfil_floor`) is measured, not assumed: the slow-leak scenarios
+are rerun at falling rates until the monitor no longer catches the leak within the run.
 
 Benign scenarios (``benign-*.yaml``) measure false alarms: a VM-window where the monitor throttled,
 aborted or destroyed something that was authorized. Identity checks that pass are counted apart.
@@ -32,6 +38,8 @@ import numpy.typing as npt
 
 from secmig.agent.precopy_driver import LoopbackLink, PreCopySender, drive_sync
 from secmig.errors import ConfigError, LocalProtocolError, MigrationError, RemoteProtocolError, SecurityError
+from secmig.lab.attack_commit import COMMIT_ATTACKS
+from secmig.lab.attack_trust import TRUST_ATTACKS
 from secmig.migration import StopPolicy
 from secmig.monitor.rules import RuleSet
 from secmig.monitor.samples import Action, Verdict
@@ -53,7 +61,8 @@ from secmig.security.loopback import ConnectionPair, Tamper
 from secmig.security.policy import Operation
 from secmig.security.protocol import MigrationConnection
 from secmig.sim.engine import RunResult, Simulation
-from secmig.sim.monitoring import MonitorLog, SimSecurity, attach_monitor, new_cluster
+from secmig.sim.gate import run_secure
+from secmig.sim.monitoring import MonitorLog, SimSecurity, new_cluster
 from secmig.sim.scenario import build_spec, parse_scenario
 from secmig.yamlfile import read_yaml
 
@@ -337,6 +346,8 @@ AUTH_ATTACKS: dict[str, tuple[str, AuthRun]] = {
     "unauthorized-clone": ("an insider clones the VM with no grant", _no_grant(Operation.CLONE)),
     "unauthorized-copy": ("an insider copies the VM with no grant", _no_grant(Operation.COPY)),
     "unauthorized-template": ("an insider makes a template of the VM with no grant", _no_grant(Operation.TEMPLATE)),
+    **TRUST_ATTACKS,
+    **COMMIT_ATTACKS,
 }
 
 
@@ -375,46 +386,39 @@ def run_scenario(path: Path, rules: RuleSet, audit: AuditSink | None = None) -> 
     cluster (no Vsignature), and which scheduled migrations are ``ungranted``; every other migration gets
     a real grant. The monitor is told none of it.
     """
-    data = read_yaml(path)
+    return run_scenario_doc(read_yaml(path), path.stem, path.parent, rules, audit)
+
+
+def run_scenario_doc(
+    data: Any, name: str, base_dir: Path, rules: RuleSet, audit: AuditSink | None = None
+) -> ScenarioRun:
+    """:func:`run_scenario` on a scenario already read (``name`` without ``.yaml``; ``base_dir`` for its paths).
+
+    The scenario's ``attack:`` block is part of the scenario language (:mod:`secmig.sim.scenario`); the
+    run goes through :func:`secmig.sim.gate.run_secure`: the real handshake before every operation, the
+    monitor on every VM.
+    """
+    source = f"{name}.yaml"
     if not isinstance(data, dict) or not isinstance(data.get("attack"), dict):
-        raise ConfigError(f"{path.name}: an attack scenario needs an 'attack:' block")
-    block = data.pop("attack")
-    spec = build_spec(parse_scenario(data, path.name), path.name, path.parent)
-    hosts = [h.name for h in spec.infra.hosts]
-    outside = [str(h) for h in block.get("outside", [])]
-    ungranted = {str(v) for v in block.get("ungranted", [])}
-    for h in outside:
-        if h not in hosts:
-            raise ConfigError(f"{path.name}: attack.outside: unknown host {h!r}")
-    members = [h for h in hosts if h not in outside]
+        raise ConfigError(f"{source}: an attack scenario needs an 'attack:' block")
+    spec = build_spec(parse_scenario(data, source), source, base_dir)
+    block = spec.attack
+    assert block is not None
     memory_audit = MemoryAuditSink("monitor")
-    with tempfile.TemporaryDirectory() as tmp:
-        cluster = new_cluster(Path(tmp) / "cluster", members)
-        security = SimSecurity(cluster)
-        for vm in spec.vms:
-            security.bindings[vm.name] = cluster.issue_binding(vm.name, vm.mac, vm.host, 0)
-        for m in spec.migrations:
-            if m.vm in ungranted:
-                continue
-            src = next(v.host for v in spec.vms if v.name == m.vm)
-            security.grants[(m.vm, src, m.destination)] = cluster.issue_grant(
-                Operation.MIGRATE, m.vm, src, m.destination, current_binding=security.bindings[m.vm], ttl_s=3600
-            )
-        sim = Simulation(spec)
-        log = attach_monitor(sim, rules, security, audit=_Tee(memory_audit, audit), until_s=spec.until_s)
-        result = sim.run()
+    secure = run_secure(spec, rules, _Tee(memory_audit, audit))
+    members = frozenset(h.name for h in spec.infra.hosts if h.name not in block.outside)
     return ScenarioRun(
-        path.stem,
-        str(block.get("kind", "detection")),
-        block.get("target"),
-        float(block.get("start_s", 0.0)),
-        str(block.get("description", "")),
-        frozenset(members),
-        sim,
-        log,
-        security,
-        result,
-        rules,
+        name,
+        block.kind,
+        block.target,
+        block.start_s,
+        block.description,
+        members,
+        secure.sim,
+        secure.log,
+        secure.security,
+        secure.result,
+        secure.rules,
         memory_audit,
     )
 
@@ -434,6 +438,23 @@ def bytes_to_outsiders(run: ScenarioRun, vm: str) -> float:
     """Bytes of ``vm``'s flows that reached a host outside the cluster (finished, cut, or still going)."""
     done = sum(f.bytes for f in run.sim.flows if f.vm == vm and f.dst_host not in run.members)
     cut = sum(b for (v, dst), b in run.log.leaked.items() if v == vm and dst not in run.members)
+    return done + cut
+
+
+def bytes_unauthorized(run: ScenarioRun, vm: str) -> float:
+    """Bytes of ``vm``'s memory that reached a host with no grant for them, member or not: its copies out
+    (finished or cut) and its ungranted migration streams (finished or cut).
+
+    The lab may read the scenario's intent (``kind: exfil``) to score a run; the monitor never does.
+    """
+    granted = {(src, dst) for (v, src, dst) in run.security.grants if v == vm}
+    granted_dst = {dst for _src, dst in granted}
+    done = sum(
+        f.bytes
+        for f in run.sim.flows
+        if f.vm == vm and (f.kind == "exfil" or (f.kind == "migration" and (f.src_host, f.dst_host) not in granted))
+    )
+    cut = sum(b for (v, dst), b in run.log.leaked.items() if v == vm and dst not in granted_dst)
     return done + cut
 
 
@@ -461,7 +482,24 @@ def _score(run: ScenarioRun) -> AttackResult:
     target = run.target or ""
     hits = [v for v in log.verdicts if v.vm == target and v.action is not Action.CONTINUE]
     first: Verdict | None = hits[0] if hits else None
-    leaked = bytes_to_outsiders(run, target)
+    leaked = bytes_unauthorized(run, target)
+    harmless = first is None and leaked == 0 and target not in sim.destroyed
+    refused = [e for e in sim.effects if e.vm == target and e.reason.startswith("refused at the gate")]
+    if harmless and refused:
+        # The real handshake refused the operation: not one page crossed (the flows show only handshake bytes).
+        return AttackResult(
+            run.name,
+            "detection",
+            True,
+            "gate",
+            0.0,
+            0,
+            f"stays on {sim.location.get(target, '?')}",
+            f"{run.description}; refused at the gate ({refused[0].reason}), 0 page bytes sent",
+            windows,
+            0,
+            checks,
+        )
     if target in sim.destroyed:
         fate = "destroyed"
     elif first is not None and first.action is Action.THROTTLE:
@@ -471,6 +509,8 @@ def _score(run: ScenarioRun) -> AttackResult:
     detail = run.description
     if first is not None:
         detail += f"; {first.rule} {first.level.value} → check {first.evidence.get('challenge', '—')} → {first.action}"
+    elif harmless:
+        detail += "; harmless: nothing of its memory reached a host without a grant, and it was not destroyed"
     else:
         preset = sim.vms[target].transfer_rate_bytes_per_s or 0.0
         rate = leaked / max(float(sim.env.now) - run.start_s, 1e-9)
@@ -479,8 +519,8 @@ def _score(run: ScenarioRun) -> AttackResult:
     return AttackResult(
         run.name,
         "detection",
-        first is not None,
-        first.rule if first else "—",
+        first is not None or harmless,
+        first.rule if first else ("harmless" if harmless else "—"),
         (first.t_s - run.start_s) if first else None,
         int(leaked // PAGE),
         fate,
@@ -526,6 +566,82 @@ def false_alarm_rate(results: list[AttackResult]) -> float:
     windows = sum(r.windows for r in results if r.kind == "benign")
     alarms = sum(r.false_alarms for r in results if r.kind == "benign")
     return alarms / windows if windows else math.nan
+
+
+SLOW_EXFIL_SCENARIOS: tuple[str, ...] = ("low-rate-exfil", "slow-exfil-to-member")
+"""The slow leaks whose rate :func:`slow_exfil_floor` lowers: to an outsider, and to a compromised member."""
+FLOOR_RATES_MB_S: tuple[float, ...] = (50.0, 20.0, 10.0, 5.0, 2.0, 1.0, 0.5, 0.2, 0.1)
+"""Exfiltration rates tried, fastest first (MB/s); the lowest is the finest floor the measure can show."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExfilFloor:
+    """The slowest exfiltration the monitor catches within a run, measured on the slow-leak scenarios."""
+
+    floor_mb_s: float | None
+    """The lowest rate tried at and above which every leak was caught (None: even the fastest escaped)."""
+    lowest_tried_mb_s: float
+    caught: dict[str, dict[float, bool]]
+    """Per scenario, per rate (MB/s): caught or not."""
+
+    @property
+    def at_resolution(self) -> bool:
+        """True when every rate tried was caught: the real floor is at or below the lowest one."""
+        return self.floor_mb_s is not None and self.floor_mb_s <= self.lowest_tried_mb_s
+
+    def describe(self) -> str:
+        """One line for the attack summary."""
+        if self.floor_mb_s is None:
+            return f"slow exfiltration: not caught even at {max(FLOOR_RATES_MB_S):g} MB/s"
+        bound = "≤ " if self.at_resolution else ""
+        return (
+            f"slow-exfiltration floor: {bound}{self.floor_mb_s:g} MB/s (every leak tried down to it caught within "
+            f"its run, in {', '.join(self.caught)})"
+        )
+
+
+def slow_exfil_floor(
+    rules: RuleSet | None = None,
+    rates_mb_s: tuple[float, ...] = FLOOR_RATES_MB_S,
+    scenarios: tuple[str, ...] = SLOW_EXFIL_SCENARIOS,
+) -> ExfilFloor:
+    """Rerun each slow-leak scenario with its leak at each rate (fastest first) and find the detection floor.
+
+    "Caught" means the monitor acted on the leaking VM (a verdict other than continue) before the run
+    ended. The floor is the lowest rate such that every rate tried at or above it was caught in every
+    scenario; the walk down a scenario stops at its first escape.
+    """
+    rules = rules or RuleSet()
+    files = scenario_files()
+    caught: dict[str, dict[float, bool]] = {}
+    lowest: list[float | None] = []
+    for name in scenarios:
+        doc = read_yaml(files[name])
+        caught[name] = {}
+        low: float | None = None
+        for rate in sorted(rates_mb_s, reverse=True):
+            run = run_scenario_doc(_with_exfil_rate(doc, rate * 1e6), name, files[name].parent, rules)
+            target = run.target or ""
+            hit = any(v.vm == target and v.action is not Action.CONTINUE for v in run.log.verdicts)
+            caught[name][rate] = hit
+            if not hit:
+                break
+            low = rate
+        lowest.append(low)
+    floor = None if any(x is None for x in lowest) else max(x for x in lowest if x is not None)
+    return ExfilFloor(floor, min(rates_mb_s), caught)
+
+
+def _with_exfil_rate(doc: Any, rate_bytes_per_s: float) -> Any:
+    """The scenario with each of its ``kind: exfil`` flows at ``rate_bytes_per_s``."""
+    out = dict(doc)
+    traffic = []
+    for t in doc.get("traffic", []):
+        if isinstance(t, dict) and t.get("kind") == "exfil":
+            t = {**t, "rate": f"{rate_bytes_per_s:.0f}B/s"}
+        traffic.append(t)
+    out["traffic"] = traffic
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -575,14 +691,20 @@ def sweep(mediums: list[float], high_over_medium: float = 1.6, base: RuleSet | N
 
 __all__ = [
     "AUTH_ATTACKS",
+    "FLOOR_RATES_MB_S",
+    "SLOW_EXFIL_SCENARIOS",
     "AttackResult",
+    "ExfilFloor",
     "ScenarioRun",
     "SweepPoint",
     "attack_names",
+    "bytes_unauthorized",
     "false_alarm_rate",
     "run_attack",
     "run_attack_full",
     "run_scenario",
+    "run_scenario_doc",
     "scenario_files",
+    "slow_exfil_floor",
     "sweep",
 ]

@@ -1,12 +1,20 @@
 """``secmig experiment paper``: the paper's experiment (section 6), its Table 6.1 and its Chart 1, from a run.
 
 Two datacenters, several VMs per host, VMs moved between hypervisors while the monitor watches the rates
-at each VM's vSwitch port. Two moves are authorized live migrations (granted, capped at the VM's preset
-transfer rate); two are unauthorized moves of memory to a host outside the cluster at 1.67 × and 2.3 ×
-the preset rate, as the paper's rows 3 and 4 (4200 → 7000 and 3500 → 8000 IOPS). The table has the
-paper's columns (preset rate, start, completion, actual rate) and the monitor's verdict; the chart
-(:func:`secmig.report.charts.paper_chart_1`) shows the rates over time, the policy's LOW/MEDIUM/HIGH bands
-and the moment of each detection. This module returns data; ``secmig experiment paper`` writes the files.
+at each VM's vSwitch port (``data/experiment-paper.yaml``). Every row comes out of the simulation run
+behind the gate (the real handshake per operation) with the monitor attached:
+
+- the two granted live migrations (``paper`` stop policy, Th = 50 pages), each capped at its VM's preset
+  rate and sharing a NIC: their actual rate is bytes moved ÷ (completion − start), the handshake, every
+  round and the stop-and-copy included;
+- the two unauthorized rows: an attacker whose ungranted move of vm3 the gate refused (0 pages) and who
+  then copies vm3's memory out anyway, and an exfiltration of vm4. Their actual rate is what the monitor
+  measured when it judged them (the rate rule's window, the VM's own traffic and the copy together);
+  their level is the monitor's: MEDIUM (throttled to its preset while the identity check runs, then
+  destroyed when it fails) and HIGH (cut at once, destroyed when the check fails).
+
+Units: the paper counts IOPS; here one I/O is one 4 KiB page (:data:`IO_BYTES`), so IOPS = bytes/s ÷ 4096,
+and times are simulated milliseconds. This module returns data; ``secmig experiment paper`` writes the files.
 """
 
 from __future__ import annotations
@@ -15,12 +23,14 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from secmig.lab.attacks import ScenarioRun, bytes_to_outsiders, run_scenario
+from secmig.lab.attacks import ScenarioRun, run_scenario
 from secmig.monitor.rules import RuleSet
 from secmig.monitor.samples import Action
 from secmig.security.audit import AuditSink
 
 SCENARIO = "experiment-paper.yaml"
+IO_BYTES = 4096
+"""One I/O of the paper's IOPS: a 4 KiB page."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,10 +43,28 @@ class MoveRow:
     preset_bytes_per_s: float
     start_s: float
     completion_s: float
-    """When the move ended: the migration's end, or the moment the monitor stopped it."""
+    """When the move ended: the migration's end, or the moment the monitor stopped it (its check answered)."""
     actual_bytes_per_s: float
+    """A migration's bytes ÷ its duration; for a caught VM, the rate the monitor judged at detection."""
     verdict: str
     detected_s: float | None = None
+    level: str = "LOW"
+    """The monitor's level for the row: LOW for an authorized move, MEDIUM or HIGH for a caught one."""
+
+    @property
+    def preset_iops(self) -> float:
+        """The preset rate in the paper's unit (4 KiB I/Os per second)."""
+        return self.preset_bytes_per_s / IO_BYTES
+
+    @property
+    def actual_iops(self) -> float:
+        """The actual rate in the paper's unit."""
+        return self.actual_bytes_per_s / IO_BYTES
+
+    @property
+    def ratio(self) -> float:
+        """Actual ÷ preset."""
+        return self.actual_bytes_per_s / self.preset_bytes_per_s if self.preset_bytes_per_s > 0 else 0.0
 
 
 def scenario_text() -> str:
@@ -45,14 +73,21 @@ def scenario_text() -> str:
 
 
 def run_paper_experiment(
-    rules: RuleSet | None = None, audit: AuditSink | None = None
+    rules: RuleSet | None = None, audit: AuditSink | None = None, scenario: Path | None = None
 ) -> tuple[ScenarioRun, list[MoveRow]]:
-    """Run the experiment; return the run and Table 6.1's rows in order of start."""
-    path = Path(str(resources.files("secmig.data").joinpath(SCENARIO)))
+    """Run the experiment (the bundled scenario, or ``scenario``); return the run and Table 6.1's rows by start."""
+    path = scenario or Path(str(resources.files("secmig.data").joinpath(SCENARIO)))
     run = run_scenario(path, rules or RuleSet(), audit)
+    return run, table_rows(run)
+
+
+def table_rows(run: ScenarioRun) -> list[MoveRow]:
+    """Table 6.1 from a run: the completed operations, then each VM the monitor stopped."""
     sim, log = run.sim, run.log
     rows: list[MoveRow] = []
     for m in sim.results:
+        if m.outcome != "completed":
+            continue  # refused at the gate or stopped: the VM's row is its attacker's, below
         vm = sim.vms[m.vm]
         checks = [v for v in log.verdicts if v.vm == m.vm and "challenge" in v.evidence]
         verdict = (
@@ -60,48 +95,52 @@ def run_paper_experiment(
             if checks
             else "authorized: LOW → continue"
         )
-        if m.outcome != "completed":
-            verdict = f"aborted: {m.stop_reason}"
         rows.append(
             MoveRow(
                 m.vm,
-                f"{m.source} → {m.destination}, live migration with a grant",
+                f"{m.source} → {m.destination}, live migration with a grant ({m.policy} policy)",
                 True,
                 vm.transfer_rate_bytes_per_s or 0.0,
                 m.start_s,
                 m.end_s,
                 m.bytes_sent / m.total_time_s if m.total_time_s > 0 else 0.0,
                 verdict,
+                level="LOW" if not checks else checks[0].level.value,
             )
         )
-    for t in sim.spec.traffic:
-        if t.kind != "exfil":
-            continue  # the ground truth, for the table only: the monitor never reads it
-        vm = sim.vms[t.src_vm]
-        hits = [v for v in log.verdicts if v.vm == t.src_vm and v.action is not Action.CONTINUE]
-        end = hits[0].t_s if hits else min(t.start_s + t.duration_s, float(sim.env.now))
-        moved = bytes_to_outsiders(run, t.src_vm)
-        if hits:
-            h = hits[0]
-            ratio = h.evidence.get("ratio", 0.0)
-            verdict = (
-                f"unauthorized: {h.level.value} ({float(ratio):.2f} × preset) → identity check "
-                f"{h.evidence.get('challenge', '—')} → {h.action.value}"
-            )
-        else:
-            verdict = "unauthorized: not detected"
+    for name in sorted(sim.destroyed):
+        hits = [v for v in log.verdicts if v.vm == name and v.action is not Action.CONTINUE]
+        if not hits:
+            continue
+        h = hits[0]
+        vm = sim.vms[name]
+        refused = [e for e in sim.effects if e.vm == name and e.reason.startswith("refused at the gate")]
+        # When the attack began: the first byte to a host it had no grant for (the lab reads the ground truth).
+        starts = [t.start_s for t in sim.spec.traffic if t.src_vm == name and t.kind == "exfil"]
+        start = min(starts) if starts else h.t_s
+        what = (
+            f"{refused[0].operation} to {refused[0].destination} refused at the gate (0 pages), "
+            "memory copied out anyway"
+            if refused
+            else "memory copied out, no grant"
+        )
+        answered = h.evidence.get("answered_s", h.t_s)
+        ratio = float(h.evidence.get("ratio", 0.0))
+        held = f", {h.evidence['held']} for the check" if "held" in h.evidence else ""
         rows.append(
             MoveRow(
-                t.src_vm,
-                f"{next(v.host for v in sim.spec.vms if v.name == t.src_vm)} → {t.dst}, memory copied out, no grant",
+                name,
+                what,
                 False,
                 vm.transfer_rate_bytes_per_s or 0.0,
-                t.start_s,
-                end,
-                moved / (end - t.start_s) if end > t.start_s else 0.0,
-                verdict,
-                hits[0].t_s if hits else None,
+                start,
+                float(answered),
+                float(h.evidence.get("rate_bytes_per_s", 0.0)),
+                f"unauthorized: {h.rule} {h.level.value} ({ratio:.2f} × preset){held} → identity check "
+                f"{h.evidence.get('challenge', '—')} → {h.action.value}",
+                h.t_s,
+                level=h.level.value,
             )
         )
     rows.sort(key=lambda r: (r.start_s, r.vm))
-    return run, rows
+    return rows

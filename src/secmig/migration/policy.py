@@ -10,10 +10,12 @@ Data only: the strategies in :mod:`secmig.migration.precopy` apply it.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
 from secmig.errors import ConfigError
+from secmig.model.units import PAGE_SIZE
 
 NonConvergence = Literal["force", "abort"]
 
@@ -38,12 +40,28 @@ class StopPolicy:
     """The paper's eq. (3): a stop-and-copy whose estimated downtime exceeds this is not started."""
     check_in_round: bool = False
     """Test the downtime budget as pages are sent (QEMU), not only when a whole round has been sent."""
+    psi: float | None = None
+    """The paper's Ψ (eq. 6): converged once the data left for the stop-and-copy is below Ψ × the VM's RAM.
+    Applied per VM by :meth:`for_vm`, as the page threshold it amounts to (whichever of it and Th is larger)."""
 
     def __post_init__(self) -> None:
         if self.on_nonconvergence not in ("force", "abort"):
             raise ConfigError(f"policy {self.name}: on_nonconvergence must be force or abort")
         if self.max_time_s <= 0:
             raise ConfigError(f"policy {self.name}: max_time_s must be positive")
+        if self.psi is not None and not 0 < self.psi < 1:
+            raise ConfigError(f"policy {self.name}: psi must be between 0 and 1 (got {self.psi:g})")
+
+    def for_vm(self, ram_bytes: int) -> StopPolicy:
+        """This policy for a VM of ``ram_bytes``: Ψ (eq. 6) becomes the page threshold it stands for.
+
+        "Stop when the residual is below Ψ·V" is "stop when fewer than ⌈Ψ·V ÷ page size⌉ pages are
+        pending"; with Th also set, the larger threshold stops first. Without Ψ the policy is unchanged.
+        """
+        if self.psi is None:
+            return self
+        pages = max(math.ceil(self.psi * ram_bytes / PAGE_SIZE), 1)
+        return replace(self, dirty_pages_threshold=max(pages, self.dirty_pages_threshold or 0))
 
     def with_overrides(
         self,
@@ -51,6 +69,7 @@ class StopPolicy:
         downtime_limit_s: float | None = None,
         on_nonconvergence: NonConvergence | None = None,
         max_time_s: float | None = None,
+        psi: float | None = None,
     ) -> StopPolicy:
         """A copy with the given fields changed (None keeps the preset's value)."""
         p = self
@@ -63,6 +82,8 @@ class StopPolicy:
             p = replace(p, on_nonconvergence=on_nonconvergence)
         if max_time_s is not None:
             p = replace(p, max_time_s=max_time_s)
+        if psi is not None:
+            p = replace(p, psi=psi)
         return p
 
 

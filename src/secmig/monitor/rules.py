@@ -42,6 +42,12 @@ class RateRule(_Rule):
     low_action: Action = Action.CONTINUE
     medium_action: Action = Action.CHALLENGE
     high_action: Action = Action.CHALLENGE
+    over: Duration | None = Field(
+        default=None,
+        gt=0,
+        description="judge the mean rate over this much of the window (default: all of it); a short span "
+        "classifies a sudden rate at its own level instead of ramping through MEDIUM on the way to HIGH",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> RateRule:
@@ -74,10 +80,42 @@ class DataRule(_Rule):
 
 
 class DowntimeRule(_Rule):
-    """A VM paused for its stop-and-copy longer than ``threshold``: destroy it and abort the migration."""
+    """A live VM paused for its stop-and-copy longer than ``threshold`` (eq. 3), or a non-live one whose stream
+    made no progress for ``stall``: check the flow, abort the migration (the VM resumes on its source).
+
+    A ``move`` is paused by design for as long as its copy takes, so its pause alone says nothing; a stalled
+    link says nothing of the VM either. Only a failed identity check leads to ``on_failed_challenge``: the
+    default action is ``abort``, which checks first. ``destroy`` here is carried out as "check, then destroy
+    on failure, abort otherwise" (see :func:`secmig.monitor.actions.carry_out`).
+    """
 
     threshold: Duration = Field(default=2.0, gt=0)
-    action: Action = Action.DESTROY
+    stall: Duration = Field(default=2.0, gt=0, description="non-live: no memory byte for this long is a stall")
+    action: Action = Action.ABORT
+
+
+class ContactRule(_Rule):
+    """A VM's first bytes to a host it has not sent to for ``window``: is this flow authorized?
+
+    The slow-exfiltration rule: a leak at any rate starts with a first byte to its destination, so the
+    identity check (a grant for this flow, or traffic addressed to a peer VM) runs before a rate or a volume
+    could give it away. One check per new destination, so its cost follows the number of peers, not traffic.
+    """
+
+    window: Duration = Field(default=600.0, gt=0)
+    action: Action = Action.CHALLENGE
+
+
+class VolumeRule(_Rule):
+    """Bytes of one VM to one host, cumulated: each further ``ram_fraction`` × its RAM, check again.
+
+    The paper's "data > 3 × VRAM", per destination and over the VM's whole life rather than per stream
+    and window: a flow whose authorization lapses (an expired grant, a revoked host) is asked again before
+    it has moved the VM's memory once.
+    """
+
+    ram_fraction: float = Field(default=0.5, gt=0)
+    action: Action = Action.CHALLENGE
 
 
 class RuleSet(BaseModel):
@@ -89,11 +127,19 @@ class RuleSet(BaseModel):
     recheck: Duration = Field(default=1.0, ge=0, description="a VM that passed a check is not re-checked sooner")
     on_failed_challenge: Action = Action.DESTROY
     throttle_to: float = Field(default=1.0, gt=0, description="a throttled VM is capped at this × its preset rate")
+    check_time: Duration = Field(
+        default=0.0,
+        ge=0,
+        description="how long an identity check takes where the runner models it (the simulator): meanwhile "
+        "a MEDIUM VM runs throttled to its preset and a HIGH one is cut; 0: the check is instant",
+    )
     rate: RateRule = RateRule()
     vswitch: VSwitchRule = VSwitchRule()
     rtt: RttRule = RttRule()
     data: DataRule = DataRule()
     downtime: DowntimeRule = DowntimeRule()
+    contact: ContactRule = ContactRule()
+    volume: VolumeRule = VolumeRule()
 
     @model_validator(mode="after")
     def _step_fits(self) -> RuleSet:
@@ -101,6 +147,8 @@ class RuleSet(BaseModel):
             raise ValueError(f"step must not exceed window (got {self.step} > {self.window})")
         if self.on_failed_challenge is Action.CHALLENGE:
             raise ValueError("on_failed_challenge cannot be challenge again")
+        if self.rate.over is not None and self.rate.over > self.window:
+            raise ValueError(f"rate.over must not exceed window (got {self.rate.over} > {self.window})")
         return self
 
     @property
@@ -129,6 +177,19 @@ def parse_rules(data: Any, source: str) -> RuleSet:
         elif err["type"] == "enum":
             msg = f"{err['input']!r} is not an action ({', '.join(a.value for a in Action)})"
         raise ConfigError(f"{source}: {_loc(tuple(err['loc']))}: {msg}") from None
+
+
+def with_overrides(rules: RuleSet, overrides: dict[str, Any] | None, source: str) -> RuleSet:
+    """``rules`` with a partial rule set (rules.yaml's shape, e.g. a scenario's ``monitor:`` block) laid over it."""
+    if not overrides:
+        return rules
+    merged = rules.model_dump()
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return parse_rules(merged, source)
 
 
 def load_rules(path: str | Path | None = None) -> RuleSet:

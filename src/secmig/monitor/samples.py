@@ -53,6 +53,12 @@ class TrafficSample:
     None: the source cannot tell, and the data rule counts them against the RAM (the cautious reading)."""
     paused_s: float = 0.0
     """How long the VM has been paused for a stop-and-copy at ``t_s``; 0 while it runs."""
+    dst: str = ""
+    """The host the bytes went to, when the source knows: what the contact and volume rules count per
+    destination (a VM that talks to several hosts is judged per host, not on its total alone)."""
+    live: bool = True
+    """False when the VM's operation is non-live (a ``move``, a stop-and-copy): it is paused by design, and
+    the downtime rule judges the stream's progress, not the pause."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +69,7 @@ class Verdict:
     vm: str
     vswitch: str
     rule: str
-    """``rate``, ``vswitch``, ``rtt``, ``data`` or ``downtime``."""
+    """``rate``, ``vswitch``, ``rtt``, ``data``, ``downtime``, ``contact`` or ``volume``."""
     level: Level
     action: Action
     evidence: dict[str, float | str] = field(default_factory=dict)

@@ -11,9 +11,12 @@ from pathlib import Path
 
 from secmig.errors import ConfigError
 from secmig.report.data import RunData, latest_run_id, load_run
-from secmig.report.html import SECTIONS, render
+from secmig.report.html import CONSOLIDATION_SECTIONS, SECTIONS, render
 
-__all__ = ["SECTIONS", "RunData", "default_report_path", "latest_run_id", "load_run", "write_report"]
+__all__ = [
+    "CONSOLIDATION_SECTIONS",
+    "SECTIONS", "RunData", "default_report_path", "latest_run_id", "load_run", "write_report",
+]
 
 
 def _version() -> str:

@@ -25,7 +25,7 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import FuncFormatter, LogLocator, NullLocator
 
 from secmig.report.data import LinkSeries, MonitorEvent
-from secmig.results.tables import MigrationRow, RoundRow
+from secmig.results.tables import ConsolidationIntervalRow, ConsolidationMigrationRow, MigrationRow, RoundRow
 
 if TYPE_CHECKING:
     from secmig.lab.attacks import ScenarioRun
@@ -141,8 +141,9 @@ def rounds_chart(migrations: Sequence[MigrationRow], rounds: Mapping[int, Sequen
         height = 2.5 * rows + 0.6
         fig = Figure(figsize=(3.6 * cols + 0.8, height))
         axes = fig.subplots(rows, cols, squeeze=False)
-        fig.subplots_adjust(left=0.07, right=0.93, wspace=0.75, hspace=0.62, top=1 - 0.35 / height,
-                            bottom=0.75 / height)
+        fig.subplots_adjust(
+            left=0.07, right=0.93, wspace=0.75, hspace=0.62, top=1 - 0.35 / height, bottom=0.75 / height
+        )
         for ax, m in zip(axes.flat, shown, strict=False):
             _round_panel(ax, m, rounds[m.idx])
         for ax in list(axes.flat)[len(shown) :]:
@@ -194,8 +195,14 @@ def monitor_timeline(events: Sequence[MonitorEvent], migrations: Sequence[Migrat
             pts = [e for e in events if e.level == level]
             if pts:
                 ax.scatter(
-                    [e.t_s for e in pts], [row[e.vm] for e in pts], c=color, marker=marker, s=46, zorder=3,
-                    label=level, edgecolors=["black" if e.action == "destroy" else color for e in pts],
+                    [e.t_s for e in pts],
+                    [row[e.vm] for e in pts],
+                    c=color,
+                    marker=marker,
+                    s=46,
+                    zorder=3,
+                    label=level,
+                    edgecolors=["black" if e.action == "destroy" else color for e in pts],
                 )
         other = [e for e in events if e.level not in LEVEL_STYLE]
         if other:
@@ -207,8 +214,15 @@ def monitor_timeline(events: Sequence[MonitorEvent], migrations: Sequence[Migrat
         handles, _labels = ax.get_legend_handles_labels()
         if any(e.action == "destroy" for e in events):
             handles.append(
-                Line2D([], [], linestyle="", marker="o", markerfacecolor="white", markeredgecolor="black",
-                       label="action: destroy")
+                Line2D(
+                    [],
+                    [],
+                    linestyle="",
+                    marker="o",
+                    markerfacecolor="white",
+                    markeredgecolor="black",
+                    label="action: destroy",
+                )
             )
         handles.append(Patch(color="#dddddd", label="migrating"))
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -259,12 +273,31 @@ def sweep_heatmaps(cells: HeatmapData, title: str) -> Figure:
         return fig
 
 
+def _preset_vs_actual(ax: Axes, rows: Sequence[MoveRow]) -> None:
+    """The paper's Chart 1 proper: preset and actual transfer rate per VM, in IOPS (4 KiB I/Os)."""
+    x = list(range(len(rows)))
+    ax.bar([i - 0.2 for i in x], [r.preset_iops for r in rows], 0.4, color="#9e9e9e", label="preset")
+    colours = ["#2ca02c" if r.authorized else ("#ff7f0e" if r.level == "MEDIUM" else "#d62728") for r in rows]
+    ax.bar([i + 0.2 for i in x], [r.actual_iops for r in rows], 0.4, color=colours, label="actual")
+    for i, r in enumerate(rows):
+        ax.text(i + 0.2, r.actual_iops, f"{r.actual_iops:.0f}\n{r.level}", ha="center", va="bottom", fontsize=8)
+    ax.set_xticks(x, [f"{i + 1}. {r.vm}" for i, r in enumerate(rows)])
+    ax.set_ylabel("transfer rate (IOPS, 4 KiB I/Os)")
+    ax.set_title("preset vs actual, per VM (Table 6.1)", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+
+
 def paper_chart_1(run: ScenarioRun, rows: Sequence[MoveRow]) -> Figure:
     """The paper's Chart 1: the moved VMs' transfer rates over time (top) and what the rate rule judged (bottom)."""
     rules = run.rules
     end_s = float(run.sim.env.now)
-    fig = Figure(figsize=(11, 8.5), dpi=110)
-    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    fig = Figure(figsize=(15, 8.5), dpi=110)
+    grid = fig.add_gridspec(2, 2, height_ratios=[3, 2], width_ratios=[3, 1.1])
+    top = fig.add_subplot(grid[0, 0])
+    bottom = fig.add_subplot(grid[1, 0], sharex=top)
+    bars = fig.add_subplot(grid[:, 1])
+    _preset_vs_actual(bars, rows)
     colours = ["#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#ff7f0e", "#8c564b"]
 
     def padded(series: list[tuple[float, float]], vm: str) -> list[tuple[float, float]]:
@@ -332,13 +365,16 @@ def paper_chart_1(run: ScenarioRun, rows: Sequence[MoveRow]) -> Figure:
     bottom.axhspan(rules.rate.high, ymax, color="#d62728", alpha=0.12)
     for y, text in (
         (rules.rate.medium / 2, f"LOW (< {rules.rate.medium:g} × preset) → continue"),
-        ((rules.rate.medium + rules.rate.high) / 2, "MEDIUM → identity check"),
-        ((rules.rate.high + ymax) / 2, f"HIGH (≥ {rules.rate.high:g} × preset) → identity check, destroy if it fails"),
+        ((rules.rate.medium + rules.rate.high) / 2, "MEDIUM → identity check, throttled to preset meanwhile"),
+        (
+            (rules.rate.high + ymax) / 2,
+            f"HIGH (≥ {rules.rate.high:g} × preset) → flows cut, check, destroy if it fails",
+        ),
     ):
         bottom.text(end_s * 0.25, y, text, fontsize=8.5, va="center", ha="left", color="#333333")
     bottom.set_ylim(0, ymax)
     bottom.set_xlim(0, end_s)
-    bottom.set_ylabel(f"rate over the last {rules.window:g} s\n÷ preset rate (what the rule judges)")
+    bottom.set_ylabel(f"rate over the last {rules.rate.over or rules.window:g} s\n÷ preset rate (what the rule judges)")
     bottom.set_xlabel("simulated time (s)")
     bottom.grid(alpha=0.3)
     fig.tight_layout()
@@ -381,3 +417,152 @@ def attack_sweep_chart(points: Sequence[RateSweepPoint]) -> Figure:
     ttd.set_ylim(bottom=0)
     fig.tight_layout()
     return fig
+
+
+# --- the consolidation day ------------------------------------------------------------------------------
+
+_REASON_COLOURS = ("#e45756", "#4c78a8", "#f58518", "#54a24b", "#b279a2")
+
+
+def _hours(values: Sequence[float]) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64) / 3600.0
+
+
+def _day_axis(ax: Axes, end_h: float) -> None:
+    ax.set_xlim(0, max(end_h, 1e-9))
+    if end_h > 6:
+        ax.set_xticks(np.arange(0, end_h + 1e-9, 2 if end_h <= 26 else 6))
+    ax.set_xlabel("time into the day (h)")
+
+
+def consolidation_timeline(intervals: Sequence[ConsolidationIntervalRow]) -> str | None:
+    """Energy of each interval (kWh, the total in the title) and active hosts at each scheduling instant."""
+    if not intervals:
+        return None
+    t = _hours([iv.t_s for iv in intervals])
+    energy = np.array([iv.energy_kwh for iv in intervals], dtype=np.float64)
+    hosts = np.array([iv.active_hosts for iv in intervals], dtype=np.float64)
+    dt_min = float(np.median(np.diff(t))) * 60 if t.size > 1 else float(t[0]) * 60
+    with rc_context(_RC):
+        fig = Figure(figsize=(11, 5.2))
+        top, bottom = fig.subplots(2, 1, sharex=True)
+        # Each row holds the energy since the previous instant: drawn over the interval it ends.
+        top.step(
+            np.concatenate(([0.0], t)),
+            np.concatenate(([energy[0]], energy)),
+            where="pre",
+            color="#4c78a8",
+            linewidth=1.4,
+        )
+        top.set_ylim(0, max(float(energy.max()) * 1.1, 1e-6))
+        top.set_ylabel(f"energy per {dt_min:.0f} min\ninterval (kWh)")
+        top.set_title(f"energy of every host: {energy.sum():.2f} kWh over {t[-1]:.1f} h", loc="left")
+        bottom.step(t, hosts, where="post", color="#f58518", linewidth=1.4)
+        bottom.set_ylim(0, max(float(hosts.max()) * 1.1, 1.0))
+        bottom.set_ylabel("active hosts")
+        bottom.set_title(
+            f"active hosts (at least one VM running): mean {hosts.mean():.1f}, peak {hosts.max():.0f}", loc="left"
+        )
+        _day_axis(bottom, float(t[-1]))
+        fig.tight_layout()
+        return to_data_uri(fig)
+
+
+def consolidation_migrations_chart(
+    times_s: Sequence[float], per_reason: Mapping[str, np.ndarray], interval_s: float
+) -> str | None:
+    """Migrations started at each scheduling instant, stacked by why the planner issued them."""
+    if not per_reason or not len(times_s):
+        return None
+    t = _hours(times_s)
+    width = interval_s / 3600.0
+    with rc_context(_RC):
+        fig = Figure(figsize=(11, 3.4))
+        ax = fig.add_subplot()
+        bottom = np.zeros(t.size)
+        for i, (reason, counts) in enumerate(per_reason.items()):
+            ax.bar(
+                t,
+                counts,
+                width=width,
+                bottom=bottom,
+                align="edge",
+                color=_REASON_COLOURS[i % 5],
+                label=f"{reason} ({int(counts.sum()):,})",
+                linewidth=0,
+            )
+            bottom = bottom + counts
+        ax.set_ylim(0, max(float(bottom.max()) * 1.1, 1.0))
+        ax.set_ylabel(f"migrations per {interval_s / 60:g} min interval")
+        ax.set_title(f"{int(bottom.sum()):,} migrations, by the reason the planner gave", loc="left")
+        _day_axis(ax, float(t[-1]) + width)
+        ax.grid(axis="x", visible=False)
+        ax.legend(fontsize=8, loc="upper right", title="reason", title_fontsize=8)
+        fig.tight_layout()
+        return to_data_uri(fig)
+
+
+def consolidation_migration_times(migrations: Sequence[ConsolidationMigrationRow]) -> str | None:
+    """How long the completed migrations took, and (when any had one) their downtime: two histograms."""
+    done = [m for m in migrations if m.outcome == "completed"]
+    if not done:
+        return None
+    total = np.array([m.end_s - m.start_s for m in done])
+    down = np.array([m.downtime_s for m in done]) * 1e3
+    panels = 2 if down.max() > 0 else 1
+    with rc_context(_RC):
+        fig = Figure(figsize=(11 if panels == 2 else 6, 3.2))
+        axes = fig.subplots(1, panels, squeeze=False)[0]
+        axes[0].hist(total, bins=40, color=_COMPLETED)
+        axes[0].set_xlim(left=0)
+        axes[0].set_xlabel("migration time, start to end (s)")
+        axes[0].set_ylabel("migrations")
+        axes[0].set_title(f"{len(done):,} completed: mean {total.mean():.1f} s, max {total.max():.1f} s", loc="left")
+        if panels == 2:
+            axes[1].hist(down, bins=40, color=_DOWNTIME)
+            axes[1].set_xlim(left=0)
+            axes[1].set_xlabel("downtime (ms)")
+            axes[1].set_ylabel("migrations")
+            axes[1].set_title(
+                f"downtime: mean {down.mean():.0f} ms, max {down.max():.0f} ms,\n{down.sum() / 1e3:.1f} s in all",
+                loc="left",
+            )
+        fig.tight_layout()
+        return to_data_uri(fig)
+
+
+def consolidation_verdicts_chart(events: Sequence[MonitorEvent], end_s: float, interval_s: float) -> str | None:
+    """The monitor's verdicts per scheduling interval over the day, stacked by level."""
+    if not events:
+        return None
+    edges = np.arange(0.0, max(end_s, max(e.t_s for e in events)) + interval_s, interval_s)
+    t = edges[:-1] / 3600.0
+    width = interval_s / 3600.0
+    with rc_context(_RC):
+        fig = Figure(figsize=(11, 3.0))
+        ax = fig.add_subplot()
+        bottom = np.zeros(t.size)
+        for level, (colour, _marker) in {**LEVEL_STYLE, "other": ("#777777", "o")}.items():
+            times = [e.t_s for e in events if (e.level == level) or (level == "other" and e.level not in LEVEL_STYLE)]
+            if not times:
+                continue
+            counts = np.histogram(times, bins=edges)[0].astype(np.float64)
+            ax.bar(
+                t,
+                counts,
+                width=width,
+                bottom=bottom,
+                align="edge",
+                color=colour,
+                linewidth=0,
+                label=f"{level} ({len(times):,})",
+            )
+            bottom = bottom + counts
+        ax.set_ylim(0, max(float(bottom.max()) * 1.1, 1.0))
+        ax.set_ylabel(f"verdicts per {interval_s / 60:g} min")
+        ax.set_title("the traffic monitor's verdicts on migrating VMs, by level", loc="left")
+        _day_axis(ax, float(edges[-1]) / 3600.0)
+        ax.grid(axis="x", visible=False)
+        ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        return to_data_uri(fig)

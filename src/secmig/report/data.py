@@ -2,6 +2,8 @@
 
 The database is opened read-only, so a report never creates or changes a file. Tables that a run may not
 have (``monitor_events`` before the monitor existed, an ``audit`` log) load as empty, and the report says so.
+A consolidation day (``secmig consolidate``) also has its summary, intervals and migrations
+(:class:`ConsolidationData`); any other run has none.
 """
 
 from __future__ import annotations
@@ -16,7 +18,16 @@ from typing import Any
 import numpy as np
 
 from secmig.errors import ConfigError
-from secmig.results.tables import LinkUsageRow, MigrationRow, MonitorEventRow, RoundRow, RunRow
+from secmig.results.tables import (
+    ConsolidationIntervalRow,
+    ConsolidationMigrationRow,
+    ConsolidationRunRow,
+    LinkUsageRow,
+    MigrationRow,
+    MonitorEventRow,
+    RoundRow,
+    RunRow,
+)
 from secmig.security.audit import AuditRecord, AuditReport, read_records, verify_audit_log
 from secmig.yamlfile import parse_yaml
 
@@ -74,6 +85,27 @@ class AuditData:
 
 
 @dataclass(frozen=True, slots=True)
+class ConsolidationData:
+    """A consolidation day as stored: its figures, every scheduling instant, every migration."""
+
+    summary: ConsolidationRunRow
+    intervals: tuple[ConsolidationIntervalRow, ...]
+    migrations: tuple[ConsolidationMigrationRow, ...]
+
+    def migrations_per_interval(self) -> dict[str, FloatArray]:
+        """Migrations started at each instant of :attr:`intervals`, by reason (a migration counts at the
+        first instant at or after its start)."""
+        t = np.array([iv.t_s for iv in self.intervals], dtype=np.float64)
+        out: dict[str, FloatArray] = {}
+        if not t.size:
+            return out
+        for m in self.migrations:
+            k = min(int(np.searchsorted(t, m.start_s - 1e-6)), t.size - 1)
+            out.setdefault(m.reason, np.zeros(t.size))[k] += 1
+        return dict(sorted(out.items()))
+
+
+@dataclass(frozen=True, slots=True)
 class RunData:
     """One stored run, everything the report needs."""
 
@@ -91,6 +123,8 @@ class RunData:
     """Whether the database has a ``monitor_events`` table at all (older ones do not)."""
     monitor_events: tuple[MonitorEvent, ...]
     audit: AuditData | None = field(default=None)
+    consolidation: ConsolidationData | None = field(default=None)
+    """The day's own figures when the run is a consolidation day, else ``None``."""
 
     def busiest_links(self, n: int) -> list[LinkSeries]:
         """The ``n`` links with the highest mean utilisation (links without a capacity rank last)."""
@@ -198,6 +232,7 @@ def load_run(db_path: Path, run_id: int, audit_log: Path | None = None) -> RunDa
         monitor_table = "monitor_events" in tables
         events = _monitor(conn, run_id) if monitor_table else ()
         has_audit_table = "audit" in tables and "audit_head" in tables
+        consolidation = _consolidation(conn, run_id) if ConsolidationRunRow.table.name in tables else None
     except sqlite3.Error as err:
         raise ConfigError(f"{db_path}: cannot read run {run_id}: {err}") from None
     finally:
@@ -225,6 +260,18 @@ def load_run(db_path: Path, run_id: int, audit_log: Path | None = None) -> RunDa
         monitor_table=monitor_table,
         monitor_events=events,
         audit=audit,
+        consolidation=consolidation,
+    )
+
+
+def _consolidation(conn: sqlite3.Connection, run_id: int) -> ConsolidationData | None:
+    found = ConsolidationRunRow.select(conn, "run_id = ?", (run_id,))
+    if not found:
+        return None
+    return ConsolidationData(
+        found[0],
+        tuple(ConsolidationIntervalRow.select(conn, "run_id = ?", (run_id,), order_by="idx")),
+        tuple(ConsolidationMigrationRow.select(conn, "run_id = ?", (run_id,), order_by="idx")),
     )
 
 

@@ -2,6 +2,9 @@
 
 Sections, each a ``<section id=…>``: ``summary``, ``migrations``, ``rounds``, ``links``, ``monitor``,
 ``audit``. A section with nothing to show says so in words (``class="empty"``) rather than disappearing.
+A consolidation day has its own sections (:data:`CONSOLIDATION_SECTIONS`): the summary of CloudSim's
+figures and secmig's own, energy and active hosts over the day, migrations per interval, the monitor's
+verdicts and the audit summary.
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ from html import escape
 
 from secmig.model.units import format_bytes, format_duration, format_rate
 from secmig.report import charts
-from secmig.report.data import RunData, scenario_counts
+from secmig.report.data import ConsolidationData, RunData, scenario_counts
+from secmig.results.tables import ConsolidationMigrationRow
 
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("summary", "Scenario summary"),
@@ -25,6 +29,14 @@ SECTIONS: tuple[tuple[str, str], ...] = (
     ("monitor", "Monitor verdicts"),
     ("audit", "Audit summary"),
 )
+CONSOLIDATION_SECTIONS: tuple[tuple[str, str], ...] = (
+    ("summary", "Consolidation summary"),
+    ("energy", "Energy and active hosts"),
+    ("consolidation-migrations", "Migrations per interval"),
+    ("monitor", "Monitor verdicts"),
+    ("audit", "Audit summary"),
+)
+LONGEST_MIGRATIONS = 20
 BUSIEST_LINKS_CHART = 6
 BUSIEST_LINKS_TABLE = 12
 MAX_EVENT_ROWS = 500
@@ -95,8 +107,8 @@ def _empty(text: str) -> str:
     return f'<p class="empty">{text}</p>'
 
 
-def _section(sid: str, body: str) -> str:
-    title = dict(SECTIONS)[sid]
+def _section(sid: str, body: str, sections: Sequence[tuple[str, str]] = SECTIONS) -> str:
+    title = dict(sections)[sid]
     return f'<section id="{sid}"><h2>{escape(title)}</h2>{body}</section>'
 
 
@@ -333,7 +345,19 @@ def _audit(run: RunData) -> str:
 
 def render(run: RunData, version: str = "") -> str:
     """The whole page for a run."""
-    nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title in SECTIONS)
+    if run.consolidation is not None:
+        sections = CONSOLIDATION_SECTIONS
+        body = [
+            _consolidation_summary(run, run.consolidation),
+            _consolidation_energy(run.consolidation),
+            _consolidation_migrations(run.consolidation),
+            _consolidation_monitor(run, run.consolidation),
+            _audit(run),
+        ]
+    else:
+        sections = SECTIONS
+        body = [_summary(run), _migrations(run), _rounds(run), _links(run), _monitor(run), _audit(run)]
+    nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title in sections)
     title = f"secmig report: {run.stored.name}, run {run.run_id}"
     parts = [
         "<!DOCTYPE html>",
@@ -343,14 +367,184 @@ def render(run: RunData, version: str = "") -> str:
         f"<title>{escape(title)}</title><style>{CSS}</style></head><body>",
         f"<header><h1>{escape(title)}</h1><p>{escape(str((run.scenario or {}).get('description', '')))}</p>"
         f"<nav>{nav}</nav></header>",
-        _summary(run),
-        _migrations(run),
-        _rounds(run),
-        _links(run),
-        _monitor(run),
-        _audit(run),
+        *body,
         f"<footer>secmig {escape(version)} · run {run.run_id} of {escape(str(run.db_path))}</footer>",
         "</body></html>",
     ]
     return "\n".join(parts) + "\n"
 
+
+
+# --- the consolidation day ------------------------------------------------------------------------------
+
+
+def _num(x: float | int | None, fmt: str, unit: str = "") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    return f"{x:{fmt}}" + (f" {unit}" if unit else "")
+
+
+def _frac(x: float | None, digits: int) -> str:
+    """A fraction as CloudSim prints it (percent) with the stored fraction beside it."""
+    if x is None or not math.isfinite(x):
+        return "—"
+    return f"{100 * x:.{digits}f} % <span class=note>({x:.3g})</span>"
+
+
+def _consolidation_summary(run: RunData, c: ConsolidationData) -> str:
+    s = c.summary
+    created = _dt.datetime.fromtimestamp(run.stored.created_at, tz=_dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    end_h = max((iv.t_s for iv in c.intervals), default=0.0) / 3600
+    body = _kv(
+        [
+            ("run", f"{run.run_id} ({escape(run.stored.name)}, seed {run.stored.seed}), stored {created}"),
+            ("workload", escape(s.workload)),
+            ("policies", escape(f"overload {s.overload}, selection {s.selection}, migration model "
+                                f"{s.migration_model}")),
+            ("datacenter", f"{s.hosts:,} hosts, {s.vms:,} VMs, scheduling every {s.interval_s:g} s, {end_h:.1f} h"),
+            ("security", "Vsignatures, grants" + (" and the monitor" if s.migration_model == "network" else "")
+             if s.secure else "off (--no-secure)"),
+            ("wall time", _dur(s.wall_time_s)),
+        ]
+    )
+    body += "<h3>CloudSim's figures</h3>" + _kv(
+        [
+            ("energy", _num(s.energy_kwh, ".2f", "kWh")),
+            ("VM migrations", _num(s.migrations, ",d")),
+            ("SLATAH (SLA time per active host)", _frac(s.slatah, 2)),
+            ("PDM (degradation due to migrations)", _frac(s.pdm, 3)),
+            ("SLAV = SLATAH × PDM", _frac(s.slav, 5)),
+            ("ESV = energy × SLAV", _num(s.esv, ".5f")),
+            ("overall SLA violation", _frac(s.overall_sla_violation, 2)),
+            ("average SLA violation", _frac(s.average_sla_violation, 2)),
+            ("host shutdowns", _num(s.shutdowns, ",d")),
+            ("mean time before a host shutdown", _num(s.mean_time_before_shutdown_s, ".1f", "s")
+             + f" <span class=note>(σ {_num(s.stdev_time_before_shutdown_s, '.1f', 's')})</span>"),
+            ("mean time before a VM migration", _num(s.mean_time_before_migration_s, ".1f", "s")
+             + f" <span class=note>(σ {_num(s.stdev_time_before_migration_s, '.1f', 's')})</span>"),
+        ]
+    )
+    monitor: list[tuple[str, str]]
+    if s.monitor_verdicts is None:
+        monitor = [("monitor", "did not run (it watches migrations of the network model)")]
+    else:
+        destroyed = s.monitor_destroyed or 0
+        monitor = [
+            ("monitor verdicts (identity checks passed)",
+             f"{s.monitor_verdicts:,} ({_num(s.monitor_challenges_passed, ',d')})"),
+            ("monitor alarms / VMs destroyed",
+             f"{_num(s.monitor_alarms, ',d')} / <span class={'bad' if destroyed else 'ok'}>{destroyed}</span>"),
+            ("false alarms per VM-hour watched",
+             f"{_num(s.false_alarms_per_vm_hour, '.4f')} over {_num(s.monitor_vm_hours, '.1f', 'VM-hours')}"),
+        ]
+    body += "<h3>secmig's own</h3>" + _kv(
+        [
+            ("mean migration time (completed)", _num(s.mean_migration_time_s, ".2f", "s")),
+            ("total migration downtime", _num(s.total_downtime_s, ".2f", "s")),
+            ("bytes moved by migrations", format_bytes(s.bytes_moved)),
+            ("aborted migrations", _num(s.aborted_migrations, ",d")),
+            ("grants issued / refused", f"{s.grants_issued:,} / {s.grants_refused:,}"),
+            ("destination hosts (valid Vsignature)", _num(s.eligible_hosts, ",d")),
+            ("VMs finished (asked 0 MIPS, CloudSim's rule)", _num(s.vms_retired, ",d")),
+            ("capacity of a cloudlet, ΣC(i)/Nvm", _num(s.mean_cloudlet_capacity_mips, ",.0f", "MIPS")),
+            *monitor,
+        ]
+    )
+    body += f"<details><summary>parameters as run</summary><pre>{escape(run.stored.scenario)}</pre></details>"
+    return _section("summary", body, CONSOLIDATION_SECTIONS)
+
+
+def _consolidation_energy(c: ConsolidationData) -> str:
+    if not c.intervals:
+        empty = _empty("No scheduling instant was recorded for this run.")
+        return _section("energy", empty, CONSOLIDATION_SECTIONS)
+    body = _img(charts.consolidation_timeline(c.intervals), "energy and active hosts over the day")
+    caps = [iv.cloudlet_capacity_mips for iv in c.intervals if iv.cloudlet_capacity_mips is not None]
+    body += (
+        f'<p class="note">{len(c.intervals)} scheduling instants. A host is active while it runs at least one '
+        "VM; an empty host is switched off and draws nothing."
+        + (f" ΣC(i)/Nvm per host ranged from {min(caps):,.0f} to {max(caps):,.0f} MIPS." if caps else "")
+        + "</p>"
+    )
+    return _section("energy", body, CONSOLIDATION_SECTIONS)
+
+
+def _consolidation_migrations(c: ConsolidationData) -> str:
+    if not c.migrations:
+        empty = _empty("The planner issued no migration in this run.")
+        return _section("consolidation-migrations", empty, CONSOLIDATION_SECTIONS)
+    t = [iv.t_s for iv in c.intervals]
+    body = _img(
+        charts.consolidation_migrations_chart(t, c.migrations_per_interval(), c.summary.interval_s),
+        "migrations per interval",
+    )
+    body += _img(charts.consolidation_migration_times(c.migrations), "migration times and downtime")
+    groups: dict[tuple[str, str], list[ConsolidationMigrationRow]] = {}
+    for m in c.migrations:
+        groups.setdefault((m.reason, m.outcome), []).append(m)
+    rows = [
+        [
+            escape(reason),
+            f'<span class="{"ok" if outcome == "completed" else "bad"}">{escape(outcome)}</span>',
+            f"{len(ms):,}",
+            _dur(sum(m.end_s - m.start_s for m in ms) / len(ms)),
+            _dur(sum(m.downtime_s for m in ms)),
+            format_bytes(sum(m.bytes_moved for m in ms)),
+        ]
+        for (reason, outcome), ms in sorted(groups.items())
+    ]
+    body += _table(["reason", "outcome", "migrations", "mean time", "total downtime", "bytes moved"], rows,
+                   numeric=(2, 3, 4, 5))
+    longest = sorted(c.migrations, key=lambda m: m.end_s - m.start_s, reverse=True)[:LONGEST_MIGRATIONS]
+    table = _table(
+        ["VM", "route", "reason", "start", "time", "downtime", "bytes", "outcome"],
+        [
+            [escape(m.vm), escape(f"{m.source} → {m.destination}"), escape(m.reason), _dur(m.start_s),
+             _dur(m.end_s - m.start_s), _dur(m.downtime_s), format_bytes(m.bytes_moved), escape(m.outcome)]
+            for m in longest
+        ],
+        numeric=(3, 4, 5, 6),
+    )
+    body += (
+        f"<details><summary>the {len(longest)} longest of {len(c.migrations):,} migrations (all are in "
+        f"<code>consolidation_migrations</code> and <code>migrations.csv</code>)</summary>{table}</details>"
+    )
+    return _section("consolidation-migrations", body, CONSOLIDATION_SECTIONS)
+
+
+def _consolidation_monitor(run: RunData, c: ConsolidationData) -> str:
+    ev = run.monitor_events
+    if not ev:
+        if c.summary.monitor_verdicts is None:
+            why = (
+                "the monitor runs with the network migration model (<code>--migration-model network</code>), "
+                "where migrations move bytes over the vSwitches; this run used the "
+                f"{escape(c.summary.migration_model)} model"
+            )
+        else:
+            why = "the monitor watched every migration and judged nothing worth a verdict"
+        empty = _empty(f"No monitor verdicts recorded for this run: {why}.")
+        return _section("monitor", empty, CONSOLIDATION_SECTIONS)
+    levels = Counter(e.level for e in ev)
+    actions = Counter(e.action for e in ev)
+    end_s = max((iv.t_s for iv in c.intervals), default=0.0)
+    body = _kv(
+        [
+            ("verdicts", f"{len(ev):,}"),
+            ("by level", escape(", ".join(f"{lvl}: {n:,}" for lvl, n in levels.most_common()))),
+            ("by action", escape(", ".join(f"{a}: {n:,}" for a, n in actions.most_common()))),
+            ("identity checks passed", f"{sum(1 for e in ev if e.evidence.get('challenge') == 'passed'):,}"),
+            ("VMs concerned", f"{len({e.vm for e in ev}):,}"),
+        ]
+    )
+    body += _img(charts.consolidation_verdicts_chart(ev, end_s, c.summary.interval_s), "verdicts over the day")
+    rows = [
+        [_dur(e.t_s), escape(e.vm), escape(e.vswitch), escape(e.rule),
+         f'<span class="{ {"HIGH": "bad", "MEDIUM": "warn"}.get(e.level, "ok") }">{escape(e.level)}</span>',
+         escape(e.action), _evidence(e.evidence)]
+        for e in ev[:MAX_EVENT_ROWS]
+    ]
+    table = _table(["time", "VM", "vSwitch", "rule", "level", "action", "evidence"], rows, numeric=(0,))
+    more = f" (first {MAX_EVENT_ROWS} of {len(ev):,})" if len(ev) > MAX_EVENT_ROWS else ""
+    body += f"<details><summary>the verdicts{more}</summary>{table}</details>"
+    return _section("monitor", body, CONSOLIDATION_SECTIONS)

@@ -14,23 +14,29 @@ Layout (everything an operator needs to back up is in one folder)::
 Host keys are generated here for convenience, as easy-rsa does; a host receives its own folder plus
 the public trust material (cluster.json, ca.pem, revocations.json, policy.yaml). This is the only module
 of the package that touches files besides the SQLite stores.
+
+The revocation list and the policy are signed and numbered. A host opens its cluster folder with a
+:class:`TrustFloor` (its SQLite state): every list and policy it accepts is offered to the floor, which
+keeps the newest; an older signed file put back later is refused (the newest one seen stays in force).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from secmig.errors import AuthenticationError, ConfigError, DocumentFormatError, SecurityError
-from secmig.security.audit import AuditLog, Decision
+from secmig.security.audit import AuditLog, AuditOwner, Decision
 from secmig.security.credentials import (
     LocationBinding,
     RevocationList,
@@ -46,6 +52,7 @@ from secmig.security.encoding import (
     JsonObject,
     b64decode,
     b64encode,
+    canonical_json,
     parse_json_object,
 )
 from secmig.security.grants import MAX_GRANT_LIFETIME_S, Grant, TrustRoots, new_nonce
@@ -60,8 +67,29 @@ from secmig.security.keys import (
 from secmig.security.pki import certificate_pem, make_ca_certificate, make_host_certificate
 from secmig.security.policy import AUTHORITY, Operation, OperatorRule, Policy
 
+if TYPE_CHECKING:
+    from secmig.security.register import SqliteRegister
+
 DEFAULT_CLUSTER_VALIDITY_S = 10 * 365 * 86400
 DEFAULT_HOST_VALIDITY_S = 365 * 86400
+DEFAULT_GRANT_MEMORY_BYTES = 16 * 1024**3
+"""The VM size a grant allows when the issuer does not name one (``--memory``): a handshake claiming more
+memory than its grant is refused before the destination allocates anything for it."""
+_LOG = logging.getLogger("secmig.security.cluster")
+REVOCATIONS_KIND = "revocation-list"
+POLICY_KIND = "policy"
+
+
+class TrustFloor(Protocol):
+    """Remembers the newest signed trust material a host accepted (implemented by the host's SQLite state)."""
+
+    def offer_trust(self, kind: str, serial: int, document: str) -> tuple[int, str]:
+        """Keep ``document`` if its serial is newer; return the newest (serial, document) held."""
+        ...
+
+    def newest_trust(self, kind: str) -> tuple[int, str] | None:
+        """The newest (serial, document) of ``kind`` held, if any."""
+        ...
 
 
 def _write_json(path: Path, obj: JsonObject) -> None:
@@ -136,8 +164,10 @@ class MemberInfo:
 class Cluster:
     """The authority's view of a cluster directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, floor: TrustFloor | None = None) -> None:
         self.root = root
+        self.floor = floor
+        """Where a host keeps the newest revocation list and policy it accepted (None: the authority's view)."""
         meta_path = root / "cluster.json"
         if not meta_path.exists():
             raise ConfigError(f"{root}: not a cluster directory (no cluster.json); run `secmig cluster init {root}`")
@@ -184,7 +214,7 @@ class Cluster:
             },
         )
         _write_json(root / "revocations.json", RevocationList(cluster_id, 0, now_i, ()).signed_by(key).to_json())
-        (root / "policy.yaml").write_text(Policy().to_yaml(), encoding="utf-8")
+        (root / "policy.yaml").write_text(Policy().signed_yaml(key, cluster_id), encoding="utf-8")
         cluster = cls(root)
         cluster._audit("cluster.init", Decision.ALLOW, cluster_id, {"name": name, "authority": fingerprint(key)})
         return cluster
@@ -199,18 +229,82 @@ class Cluster:
         return key
 
     def revocations(self) -> RevocationList:
-        """The signed revocation list, verified (read afresh on every call, so a revocation takes effect at once)."""
+        """The signed revocation list, verified (read afresh on every call, so a revocation takes effect at once).
+
+        With a floor, the newest list ever accepted wins: an older signed list in the folder is refused.
+        """
         path = self.root / "revocations.json"
         try:
             rl = RevocationList.from_json(_read_json(path))
         except DocumentFormatError as err:
             raise ConfigError(f"{path}: {err}") from err
         check_revocation_list(rl, authority=self.authority_public, cluster_id=self.cluster_id)
-        return rl
+        if self.floor is None:
+            return rl
+        number, doc = self.floor.offer_trust(REVOCATIONS_KIND, rl.number, canonical_json(rl.to_json()).decode())
+        if number == rl.number and doc == canonical_json(rl.to_json()).decode():
+            return rl
+        _LOG.warning("%s: revocation list #%d refused, #%d was already accepted (rollback)", path, rl.number, number)
+        try:
+            newest = RevocationList.from_json(parse_json_object(doc, "stored revocation list"))
+        except DocumentFormatError as err:
+            raise AuthenticationError(f"stored revocation list is unreadable: {err}") from err
+        check_revocation_list(rl=newest, authority=self.authority_public, cluster_id=self.cluster_id)
+        return newest
 
     def policy(self) -> Policy:
-        """The operator policy."""
-        return Policy.load(self.root / "policy.yaml")
+        """The operator policy, signed by the authority (AuthenticationError otherwise); with a floor, the
+        newest policy ever accepted wins over an older signed file."""
+        path = self.root / "policy.yaml"
+        text: str | None = None
+        if path.exists():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise ConfigError(f"{path}: cannot read policy: {err}") from err
+        policy = Policy() if text is None else self._parse_policy(text, str(path))
+        if self.floor is None:
+            return policy
+        if text is not None:
+            serial, stored = self.floor.offer_trust(POLICY_KIND, policy.serial, text)
+            if stored == text:
+                return policy
+            _LOG.warning("%s: policy #%d refused, #%d was already accepted (rollback)", path, policy.serial, serial)
+        else:
+            held = self.floor.newest_trust(POLICY_KIND)
+            if held is None:
+                return policy
+            stored = held[1]
+        return self._parse_policy(stored, "stored policy")
+
+    def _parse_policy(self, text: str, source: str) -> Policy:
+        return Policy.parse(text, source, authority=self.authority_public, cluster_id=self.cluster_id)
+
+    def _write_policy(self, policy: Policy) -> Policy:
+        """Sign ``policy`` as the next serial and write it (the authority's commands only)."""
+        current = self.policy()
+        signed = Policy(policy.operators, max(current.serial, policy.serial) + 1)
+        path = self.root / "policy.yaml"
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(signed.signed_yaml(self.authority_key(), self.cluster_id), encoding="utf-8")
+        os.replace(tmp, path)
+        return signed
+
+    def sign_policy(self) -> Policy:
+        """Sign the policy file as it stands (e.g. an unsigned file from before policies were signed)."""
+        policy = Policy.load(self.root / "policy.yaml")
+        signed = Policy(policy.operators, policy.serial + 1)
+        path = self.root / "policy.yaml"
+        path.write_text(signed.signed_yaml(self.authority_key(), self.cluster_id), encoding="utf-8")
+        self._audit("policy.signed", Decision.ALLOW, self.cluster_id, {"serial": signed.serial})
+        return signed
+
+    def audit_owner(self, owner: str) -> AuditOwner:
+        """The key whose signature an audit log of ``owner`` (the authority or a member) must carry."""
+        if owner == AUTHORITY:
+            return AuditOwner(AUTHORITY, self.authority_public)
+        key = public_key_from_raw(self.host_identity_public(owner))
+        return AuditOwner(owner, key, self.revocations().is_revoked(owner))
 
     def trust(self) -> ClusterTrust:
         """The public trust material, freshly read."""
@@ -346,8 +440,7 @@ class Cluster:
         key = generate_key()
         write_private_key(self.root / "operators" / f"{name}.key", key)
         rule = OperatorRule(name, raw_public_key(key), frozenset(operations), tuple(vms), tuple(hosts))
-        policy = self.policy().with_operator(rule)
-        (self.root / "policy.yaml").write_text(policy.to_yaml(), encoding="utf-8")
+        policy = self._write_policy(self.policy().with_operator(rule))
         self._audit(
             "operator.delegate",
             Decision.ALLOW,
@@ -356,6 +449,7 @@ class Cluster:
                 "operations": ",".join(sorted(o.value for o in operations)),
                 "vms": ",".join(vms),
                 "hosts": ",".join(hosts),
+                "policy_serial": policy.serial,
             },
         )
         return rule
@@ -388,8 +482,19 @@ class Cluster:
             int(time.time() if now is None else now),
             issuer,
         ).signed_by(self.issuer_key(issuer))
+        register = self.location_register()
+        try:
+            register.place(binding)  # this binding is now the VM's current one; any other is stale
+        finally:
+            register.close()
         self._audit("binding.issued", Decision.ALLOW, vm_id, {"host": host_id, "epoch": epoch, "issuer": issuer})
         return binding
+
+    def location_register(self) -> SqliteRegister:
+        """The location register's file in this folder (see :mod:`.register`: the authority keeps it)."""
+        from secmig.security.register import REGISTER_FILE, SqliteRegister  # register builds on this module
+
+        return SqliteRegister(self.root / REGISTER_FILE, lambda: self.trust().roots())
 
     def issue_grant(
         self,
@@ -403,11 +508,15 @@ class Cluster:
         current_binding: LocationBinding | None = None,
         new_mac: str | None = None,
         now: float | None = None,
+        memory_bytes: int = DEFAULT_GRANT_MEMORY_BYTES,
     ) -> Grant:
-        """Sign a single-use grant; relocating operations also get the VM's next binding (epoch + 1)."""
+        """Sign a single-use grant for a VM of at most ``memory_bytes``; relocating operations also get the
+        VM's next binding (epoch + 1)."""
         now_i = int(time.time() if now is None else now)
         if not 0 < ttl_s <= MAX_GRANT_LIFETIME_S:
             raise ConfigError(f"--ttl {ttl_s:g}s: must be between 0 and {MAX_GRANT_LIFETIME_S} s")
+        if not 0 < memory_bytes < 2**63:
+            raise ConfigError(f"--memory {memory_bytes}: must be a positive number of bytes")
         key = self.issuer_key(issuer)
         next_binding = None
         if operation.relocates:
@@ -418,6 +527,13 @@ class Cluster:
                     f"binding places VM {current_binding.vm_id!r} on {current_binding.host_id!r}, "
                     f"not {vm_id!r} on {source_host!r}"
                 )
+            from secmig.security.register import check_current  # register builds on this module
+
+            register = self.location_register()
+            try:
+                check_current(register, current_binding)  # a grant only against the register's current epoch
+            finally:
+                register.close()
             next_binding = LocationBinding(
                 self.cluster_id,
                 vm_id,
@@ -438,6 +554,7 @@ class Cluster:
             now_i + int(ttl_s),
             issuer,
             next_binding,
+            memory_bytes=memory_bytes,
         ).signed_by(key)
         self._audit(
             "grant.issued",
@@ -450,6 +567,7 @@ class Cluster:
                 "issuer": issuer,
                 "nonce": grant.nonce.hex(),
                 "expires_at": grant.expires_at,
+                "memory_bytes": memory_bytes,
             },
         )
         return grant

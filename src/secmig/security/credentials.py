@@ -31,13 +31,20 @@ from secmig.security.encoding import (
     get_str_list,
 )
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
-_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+"""The one strict id format (VM, host, operator, cluster): ASCII only, so an id can never fail to encode
+(a lone surrogate, a newline) in a log line, an SQLite row or a file name. Always used with fullmatch."""
+_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+
+
+def is_valid_id(value: object) -> bool:
+    """True when ``value`` is a string in the one id format; checks nothing else (no I/O, never raises)."""
+    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
 
 
 def check_id(value: str, what: str) -> str:
     """A host, VM, operator or cluster id: 1–63 of ``[A-Za-z0-9._-]``, safe as a file name."""
-    if not _ID_RE.match(value):
+    if not is_valid_id(value):
         raise ConfigError(f"{what} {value!r}: use 1-63 letters, digits, '.', '_' or '-', starting alphanumeric")
     return value
 
@@ -45,21 +52,26 @@ def check_id(value: str, what: str) -> str:
 def normalize_mac(value: str, what: str = "MAC address") -> str:
     """``AA-BB-CC-DD-EE-FF`` or ``aa:bb:…`` → ``aa:bb:cc:dd:ee:ff``; anything else is a ConfigError."""
     mac = value.strip().lower().replace("-", ":")
-    if not _MAC_RE.match(mac):
+    if not _MAC_RE.fullmatch(mac):
         raise ConfigError(f"{what} {value!r}: expected six hex pairs such as 52:54:00:12:34:56")
     return mac
 
 
 def _doc_id(obj: JsonObject, name: str) -> str:
     value = get_str(obj, name, max_len=63)
-    if not _ID_RE.match(value):
+    if not is_valid_id(value):
         raise DocumentFormatError(f"{name}: not a valid id")
     return value
 
 
+def doc_id(obj: JsonObject, name: str) -> str:
+    """A required id field of a document or message; DocumentFormatError unless it is in the one id format."""
+    return _doc_id(obj, name)
+
+
 def _doc_mac(obj: JsonObject, name: str) -> str:
     value = get_str(obj, name, max_len=17)
-    if not _MAC_RE.match(value):
+    if not _MAC_RE.fullmatch(value):
         raise DocumentFormatError(f"{name}: not a normalized MAC address")
     return value
 
@@ -108,7 +120,7 @@ class Vsignature(SignedDocument):
 def _mac_list(p: JsonObject) -> list[str]:
     macs = list(get_str_list(p, "macs"))
     for mac in macs:
-        if not _MAC_RE.match(mac):
+        if not _MAC_RE.fullmatch(mac):
             raise DocumentFormatError("macs: not normalized MAC addresses")
     return macs
 
@@ -234,7 +246,14 @@ def check_vsignature(
         raise AuthenticationError(f"host {cred.host_id!r}: revoked")
 
 
-def check_revocation_list(rl: RevocationList, *, authority: Ed25519PublicKey, cluster_id: str) -> None:
-    """Refuse a revocation list that the authority did not sign or that belongs to another cluster."""
+def check_revocation_list(
+    rl: RevocationList, *, authority: Ed25519PublicKey, cluster_id: str, newest_seen: int | None = None
+) -> None:
+    """Refuse a revocation list that the authority did not sign, that belongs to another cluster, or (with
+    ``newest_seen``, the highest list number this host has accepted) that is older than one already seen."""
     if rl.cluster_id != cluster_id or not rl.verify(authority):
         raise AuthenticationError("revocation list is not signed by this cluster's authority")
+    if newest_seen is not None and rl.number < newest_seen:
+        raise AuthenticationError(
+            f"revocation list #{rl.number} is older than #{newest_seen}, already seen here (rollback refused)"
+        )

@@ -57,6 +57,8 @@ class MigrationRequest:
     grant: Grant | None
     binding: LocationBinding | None
     """The VM's current location binding (the source host, current epoch)."""
+    manifest_digest: bytes | None = None
+    """SHA-256 of the manifest the source will send first (the driver and the VM definition)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,12 @@ class Authorized:
     page_size: int
     page_count: int
     next_binding: LocationBinding | None
+    manifest_digest: bytes | None = None
+    """The manifest digest the grant binds (None: the grant binds none); the first round must match it."""
+    grant_nonce: bytes | None = None
+    """The grant's nonce: names this move in the location register (None without a grant)."""
+    current_binding: LocationBinding | None = None
+    """The binding the source presented: where the move starts from (its epoch is fenced at commit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +124,27 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class Prepared:
+    """The destination's vote: it matched the memory digest and holds the VM loaded and paused.
+
+    It cannot be taken back; the VM runs nowhere until the source confirms (or the register decides)."""
+
+    memory_digest: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Confirm:
+    """The source's word that the location register holds the new epoch: the destination may resume."""
+
+    memory_digest: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class Committed:
-    """The destination matched the memory digest and resumes the VM; the source may release it."""
+    """The destination resumed the VM (after CONFIRM): the move is over.
+
+    Sent by a destination that has not voted yet, it is its vote *and* this final word, sent on its own
+    as soon as CONFIRM arrives (for in-memory tests and the lab, which run no register)."""
 
     memory_digest: bytes = b""
 
@@ -157,7 +184,9 @@ class ConnectionClosed:
 NEED_DATA = NeedData()
 CONNECTION_CLOSED = ConnectionClosed()
 
-SendableEvent = RoundStart | PageBatch | RoundEnd | StopAndCopy | DeviceState | Commit | Committed | Abort
+SendableEvent = (
+    RoundStart | PageBatch | RoundEnd | StopAndCopy | DeviceState | Commit | Prepared | Confirm | Committed | Abort
+)
 ReceivedEvent = (
     Authorized
     | RoundStart
@@ -166,6 +195,8 @@ ReceivedEvent = (
     | StopAndCopy
     | DeviceState
     | Commit
+    | Prepared
+    | Confirm
     | Committed
     | Aborted
     | NeedData

@@ -53,6 +53,8 @@ class FrameType(enum.IntEnum):
     DEVICE_STATE = 0x14
     COMMIT = 0x15
     COMMITTED = 0x16
+    CONFIRM = 0x17
+    PREPARED = 0x18
     ABORT = 0x1F
 
 
@@ -85,8 +87,9 @@ def memory_digest(memory: bytes | bytearray | memoryview, page_size: int) -> byt
 
 
 def zero_page_table(page_size: int, page_count: int) -> bytearray:
-    """A digest table for memory that is all zeros (where a destination starts)."""
-    return bytearray(page_digest(bytes(page_size)) * page_count)
+    """A digest table for memory that is all zeros (where a destination starts): one allocation of
+    ``32 × page_count`` bytes, made only once the claimed geometry is authorized."""
+    return bytearray(page_digest(bytes(page_size))) * page_count
 
 
 def encode_frame(frame_type: FrameType, payload: bytes | bytearray | memoryview = b"") -> bytes:

@@ -1,7 +1,10 @@
 """Operation grants and location-binding checks: who may do what to which VM, once.
 
-A :class:`Grant` names an operation, a VM, the source and destination hosts, a random nonce and an
-expiry, and is signed by the cluster authority or by a delegated operator whose policy rule covers it.
+A :class:`Grant` names an operation, a VM, the source and destination hosts, the VM's size (the most
+memory a handshake under it may claim), a random nonce and an expiry, and is signed by the cluster
+authority or by a delegated operator whose policy rule covers it.
+A grant may bind the migration's manifest (the driver and the VM definition the destination will run)
+by its SHA-256 ``manifest_digest``: the destination then refuses any other manifest.
 Grants that relocate the VM (migrate, move) carry the VM's next :class:`LocationBinding` (epoch + 1 at
 the destination), signed by the same issuer, so the destination obtains its new binding with the grant.
 
@@ -12,13 +15,13 @@ expires. This module does no I/O; the SQLite store is in :mod:`.store`.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from secmig.errors import AuthenticationError, AuthorizationError, DocumentFormatError
-from secmig.security.credentials import LocationBinding
+from secmig.security.credentials import LocationBinding, doc_id
 from secmig.security.encoding import (
     JsonObject,
     SignedDocument,
@@ -51,11 +54,15 @@ class Grant(SignedDocument):
     expires_at: int
     issuer: str
     next_binding: LocationBinding | None = None
+    manifest_digest: bytes | None = None
+    """SHA-256 of the manifest this grant allows (None: the grant binds no manifest)."""
+    memory_bytes: int = 16 * 1024**3
+    """The VM's size: a handshake claiming more memory (page size × page count) under this grant is refused."""
     signature: bytes = field(default=b"", repr=False)
 
     def payload(self) -> JsonObject:
-        """The signed fields (the next binding is signed inside, so it cannot be swapped)."""
-        return {
+        """The signed fields (the next binding and the manifest digest are signed inside: no swapping)."""
+        doc: JsonObject = {
             "cluster_id": self.cluster_id,
             "operation": self.operation.value,
             "vm_id": self.vm_id,
@@ -66,7 +73,11 @@ class Grant(SignedDocument):
             "expires_at": self.expires_at,
             "issuer": self.issuer,
             "next_binding": None if self.next_binding is None else self.next_binding.to_json(),
+            "memory_bytes": self.memory_bytes,
         }
+        if self.manifest_digest is not None:  # absent, not null: grants that bind none read as before
+            doc["manifest_digest"] = b64encode(self.manifest_digest)
+        return doc
 
     @classmethod
     def parse_payload(cls, p: JsonObject) -> Grant:
@@ -79,17 +90,28 @@ class Grant(SignedDocument):
         if nb is not None and not isinstance(nb, dict):
             raise DocumentFormatError("next_binding: expected an object or null")
         return cls(
-            cluster_id=get_str(p, "cluster_id", max_len=63),
+            cluster_id=doc_id(p, "cluster_id"),
             operation=operation,
-            vm_id=get_str(p, "vm_id", max_len=63),
-            source_host=get_str(p, "source_host", max_len=63),
-            destination_host=get_str(p, "destination_host", max_len=63),
+            vm_id=doc_id(p, "vm_id"),
+            source_host=doc_id(p, "source_host"),
+            destination_host=doc_id(p, "destination_host"),
             nonce=b64decode(p.get("nonce"), "nonce", NONCE_BYTES),
             issued_at=get_int(p, "issued_at"),
             expires_at=get_int(p, "expires_at"),
-            issuer=get_str(p, "issuer", max_len=63),
+            issuer=doc_id(p, "issuer"),
             next_binding=None if nb is None else LocationBinding.from_json(nb),
+            manifest_digest=(
+                None if p.get("manifest_digest") is None else b64decode(p["manifest_digest"], "manifest_digest", 32)
+            ),
+            memory_bytes=get_int(p, "memory_bytes", minimum=1),
         )
+
+
+def bind_manifest(grant: Grant, manifest_digest: bytes, key: Ed25519PrivateKey) -> Grant:
+    """``grant`` binding the manifest whose SHA-256 is ``manifest_digest``, signed again by its issuer's ``key``."""
+    if len(manifest_digest) != 32:
+        raise ValueError("a manifest digest is 32 bytes (SHA-256)")
+    return replace(grant, manifest_digest=manifest_digest, signature=b"").signed_by(key)
 
 
 def new_nonce() -> bytes:
@@ -167,8 +189,14 @@ def check_grant(
     source_host: str,
     destination_host: str,
     current_binding: LocationBinding | None,
+    manifest_digest: bytes | None = None,
+    memory_bytes: int | None = None,
 ) -> None:
     """Refuse (AuthorizationError) a grant that is missing, forged, unauthorized, expired or mismatched.
+
+    ``manifest_digest`` is the digest of the manifest the source announces: a grant that binds one
+    refuses any other (or none). ``memory_bytes`` is the memory the handshake claims: more than the
+    grant's ``memory_bytes`` is refused.
 
     Does not consume the nonce: call the NonceStore after every other check has passed, so that a
     refused use does not burn a valid grant.
@@ -201,6 +229,10 @@ def check_grant(
         raise AuthorizationError(f"{label}: names source {grant.source_host!r}, peer is {source_host!r}")
     if grant.destination_host != destination_host:
         raise AuthorizationError(f"{label}: names destination {grant.destination_host!r}, not {destination_host!r}")
+    if memory_bytes is not None and memory_bytes > grant.memory_bytes:
+        raise AuthorizationError(f"{label}: allows {grant.memory_bytes} bytes of memory, {memory_bytes} claimed")
+    if grant.manifest_digest is not None and grant.manifest_digest != manifest_digest:
+        raise AuthorizationError(f"{label}: the manifest presented is not the one the grant binds")
     if operation.relocates:
         _check_next_binding(grant, roots, current_binding)
 

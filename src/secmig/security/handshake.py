@@ -1,7 +1,8 @@
 """The application handshake: its messages, the session proof, and who decides that an operation may run.
 
 - Codecs (h11's ``_readers.py``/``_writers.py``): SOURCE_HELLO carries the source's Vsignature, its
-  proof, the request (operation, VM, memory geometry), the grant and the VM's location binding;
+  proof, the request (operation, VM, memory geometry, the digest of the manifest it will send), the
+  grant and the VM's location binding;
   DESTINATION_HELLO carries the destination's Vsignature and proof; AUTHORIZED carries nothing.
   Decoders read the peer's bytes and raise :class:`~secmig.errors.RemoteProtocolError` only.
 - The *proof*: a host key's signature over the session's RFC 9266 ``tls-exporter`` value and its role,
@@ -25,7 +26,7 @@ from cryptography import x509
 from secmig.errors import AuthenticationError, AuthorizationError, DocumentFormatError, RemoteProtocolError
 from secmig.security import frames
 from secmig.security.cluster import ClusterTrust, HostIdentity
-from secmig.security.credentials import LocationBinding, Vsignature
+from secmig.security.credentials import LocationBinding, Vsignature, doc_id
 from secmig.security.encoding import (
     SIGNATURE_BYTES,
     JsonObject,
@@ -119,6 +120,7 @@ def encode_source_hello(vsignature: Vsignature, proof: bytes, request: Migration
             "vm_id": request.vm_id,
             "page_size": request.page_size,
             "page_count": request.page_count,
+            "manifest_digest": None if request.manifest_digest is None else b64encode(request.manifest_digest),
         },
         "grant": None if request.grant is None else request.grant.to_json(),
         "binding": None if request.binding is None else request.binding.to_json(),
@@ -137,11 +139,13 @@ def decode_source_hello(payload: bytes | bytearray) -> SourceHello:
             operation = Operation(get_str(req, "operation", max_len=16))
         except ValueError as err:
             raise RemoteProtocolError("source hello: unknown operation") from err
-        vm_id = get_str(req, "vm_id", max_len=63)
+        vm_id = doc_id(req, "vm_id")  # the one strict id format, before the id is used (audited, stored)
         page_size = get_int(req, "page_size", minimum=1)
         page_count = get_int(req, "page_count", minimum=1)
         if page_size > frames.MAX_PAGE_SIZE or page_count > frames.MAX_PAGE_COUNT:
             raise RemoteProtocolError(f"source hello: {page_count} pages of {page_size} bytes is out of range")
+        md = req.get("manifest_digest")
+        manifest_digest = None if md is None else b64decode(md, "manifest_digest", 32)
         grant_doc, binding_doc = doc.get("grant"), doc.get("binding")
         if not (grant_doc is None or isinstance(grant_doc, dict)) or not (
             binding_doc is None or isinstance(binding_doc, dict)
@@ -151,7 +155,9 @@ def decode_source_hello(payload: bytes | bytearray) -> SourceHello:
         binding = None if binding_doc is None else LocationBinding.from_json(binding_doc)
     except DocumentFormatError as err:
         raise RemoteProtocolError(f"malformed frame: {err}") from err
-    return SourceHello(cred, proof, MigrationRequest(operation, vm_id, page_size, page_count, grant, binding))
+    return SourceHello(
+        cred, proof, MigrationRequest(operation, vm_id, page_size, page_count, grant, binding, manifest_digest)
+    )
 
 
 def encode_destination_hello(vsignature: Vsignature, proof: bytes) -> bytes:
@@ -205,7 +211,8 @@ class GrantAuthorizer:
         self.bindings = bindings
 
     def authorize(self, hello: SourceHello, *, destination_host: str, trust: ClusterTrust, now: float) -> None:
-        """Binding (signed, places the VM on the source, not older than seen), grant, then its nonce."""
+        """Binding (signed, places the VM on the source, not older than seen), grant (covering the memory
+        claimed, so nothing proportional to an oversized claim is ever allocated), then its nonce."""
         roots, request = trust.roots(), hello.request
         source_host, vm_id, binding = hello.vsignature.host_id, request.vm_id, request.binding
         if binding is None:
@@ -234,6 +241,8 @@ class GrantAuthorizer:
             source_host=source_host,
             destination_host=destination_host,
             current_binding=binding,
+            manifest_digest=request.manifest_digest,
+            memory_bytes=request.page_size * request.page_count,
         )
         assert grant is not None  # check_grant refuses None
         # Last, so that a refused use does not burn a grant that is otherwise valid.

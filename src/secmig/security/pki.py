@@ -88,7 +88,10 @@ def make_host_certificate(
         .not_valid_before(_utc(issued_at - CLOCK_SKEW_S))
         .not_valid_after(_utc(expires_at))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_key_usage(cert_sign=False), critical=True)
+        # digitalSignature only, as RFC 8410 requires of an Ed25519 key. Not critical: QEMU before 10.0.7
+        # refuses a critical key usage without keyEncipherment for its TLS peers (qemu-tls data plane),
+        # which an Ed25519 key must not carry; a non-critical one it only warns about.
+        .add_extension(_key_usage(cert_sign=False), critical=False)
         .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
             critical=False,

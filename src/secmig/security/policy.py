@@ -1,8 +1,14 @@
 """The operator policy file: which delegated operator key may grant which operation, on which VMs and hosts.
 
 The cluster authority may grant everything; an operator only what a rule here allows. The file is trust
-material, like the CA certificate: hosts read it from their copy of the cluster directory. Format::
+material, like the CA certificate: hosts read it from their copy of the cluster directory, so it is
+**signed by the authority** (Ed25519 over the canonical JSON of its meaning, domain-separated as
+``policy``) and numbered: a host refuses a file whose signature does not verify, and keeps the newest
+serial it has seen (see :mod:`.store`). Format::
 
+    cluster_id: c0123456789abcdef
+    serial: 3                            # grows with every change; an older file is a rollback
+    signature: <base64 Ed25519 signature of the authority>
     operators:
       ops-alice:
         public_key: <base64 of the raw 32-byte Ed25519 key>
@@ -10,7 +16,8 @@ material, like the CA certificate: hosts read it from their copy of the cluster 
         vms: ["web-*"]                   # shell-style globs over VM ids (default ["*"])
         hosts: ["*"]                     # globs the source and destination host must both match
 
-Loading checks every field and raises ConfigError naming the file, operator and field.
+Loading checks every field and raises ConfigError naming the file, operator and field; a signature that
+does not verify is an AuthenticationError.
 """
 
 from __future__ import annotations
@@ -22,15 +29,26 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from secmig.errors import ConfigError, DocumentFormatError
-from secmig.security.credentials import check_id
-from secmig.security.encoding import PUBLIC_KEY_BYTES, b64decode, b64encode
+from secmig.errors import AuthenticationError, ConfigError, DocumentFormatError
+from secmig.security.credentials import check_id, is_valid_id
+from secmig.security.encoding import (
+    PUBLIC_KEY_BYTES,
+    SIGNATURE_BYTES,
+    JsonObject,
+    b64decode,
+    b64encode,
+    sign_document,
+    verify_document,
+)
 from secmig.security.keys import public_key_from_raw
+from secmig.yamlfile import parse_yaml
 
 AUTHORITY = "authority"
 """Issuer name of documents signed by the cluster authority itself."""
+POLICY_KIND = "policy"
+"""Domain separation of the policy file's signature."""
 
 
 class Operation(enum.StrEnum):
@@ -87,51 +105,105 @@ class OperatorRule:
 
 @dataclass(frozen=True, slots=True)
 class Policy:
-    """All operator rules of a cluster."""
+    """All operator rules of a cluster, with the serial number of the signed file they came from."""
 
     operators: tuple[OperatorRule, ...] = ()
+    serial: int = 0
 
     def operator(self, name: str) -> OperatorRule | None:
         """The rule for ``name``, if any."""
         return next((r for r in self.operators if r.name == name), None)
 
     def with_operator(self, rule: OperatorRule) -> Policy:
-        """This policy with ``rule`` added or replacing the rule of the same name."""
-        return Policy((*(r for r in self.operators if r.name != rule.name), rule))
+        """This policy with ``rule`` added or replacing the rule of the same name (same serial)."""
+        return Policy((*(r for r in self.operators if r.name != rule.name), rule), self.serial)
 
-    def to_yaml(self) -> str:
-        """The policy file's text."""
-        doc: dict[str, Any] = {
-            "operators": {
-                r.name: {
-                    "public_key": b64encode(r.public_key),
-                    "operations": sorted(op.value for op in r.operations),
-                    "vms": list(r.vms),
-                    "hosts": list(r.hosts),
-                }
-                for r in self.operators
+    def _operators_doc(self) -> dict[str, Any]:
+        return {
+            r.name: {
+                "public_key": b64encode(r.public_key),
+                "operations": sorted(op.value for op in r.operations),
+                "vms": list(r.vms),
+                "hosts": list(r.hosts),
             }
+            for r in sorted(self.operators, key=lambda r: r.name)
         }
+
+    def payload(self, cluster_id: str) -> JsonObject:
+        """What the authority signs: the policy's meaning (normalized), its cluster and its serial."""
+        return {"cluster_id": cluster_id, "serial": self.serial, "operators": self._operators_doc()}
+
+    def signed_yaml(self, key: Ed25519PrivateKey, cluster_id: str) -> str:
+        """The policy file's text, signed with the authority's ``key``."""
+        return self.to_yaml(cluster_id, sign_document(key, POLICY_KIND, self.payload(cluster_id)))
+
+    def to_yaml(self, cluster_id: str | None = None, signature: bytes | None = None) -> str:
+        """The policy file's text (unsigned unless ``signature`` is given)."""
+        doc: dict[str, Any] = {"serial": self.serial, "operators": self._operators_doc()}
+        if cluster_id is not None:
+            doc["cluster_id"] = cluster_id
+        if signature is not None:
+            doc["signature"] = b64encode(signature)
         header = "# secmig operator policy: which delegated operator may grant which operation.\n"
+        if signature is not None:
+            header += "# Signed by the cluster authority: edit with `secmig cluster operator`, not by hand.\n"
         return header + yaml.safe_dump(doc, sort_keys=True)
 
     @classmethod
-    def load(cls, path: Path) -> Policy:
-        """Read and check a policy file; a missing file is an empty policy (authority only)."""
+    def load(cls, path: Path, *, authority: Ed25519PublicKey | None = None, cluster_id: str | None = None) -> Policy:
+        """Read and check a policy file; a missing file is an empty policy (authority only).
+
+        With ``authority`` (and ``cluster_id``) the file must carry the authority's signature over exactly
+        its contents for this cluster: AuthenticationError otherwise. Without, the signature is not checked
+        (only ``secmig cluster sign-policy`` does that, to sign a legacy file).
+        """
         if not path.exists():
             return cls()
         try:
-            doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError, UnicodeDecodeError) as err:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: cannot read policy: {err}") from err
+        return cls.parse(text, str(path), authority=authority, cluster_id=cluster_id)
+
+    @classmethod
+    def parse(
+        cls, text: str, source: str, *, authority: Ed25519PublicKey | None = None, cluster_id: str | None = None
+    ) -> Policy:
+        """A policy from the text of a policy file (see :meth:`load`)."""
+        path = Path(source)
+        doc = parse_yaml(text, source)
         if doc is None:
-            return cls()
-        if not isinstance(doc, dict) or not isinstance(doc.get("operators", {}), dict):
-            raise ConfigError(f"{path}: expected a mapping with an 'operators' mapping")
+            doc = {}
+        if not isinstance(doc, dict) or not isinstance(doc.get("operators") or {}, dict):
+            raise ConfigError(f"{source}: expected a mapping with an 'operators' mapping")
+        serial = doc.get("serial", 0)
+        if not isinstance(serial, int) or isinstance(serial, bool) or not 0 <= serial < 2**63:
+            raise ConfigError(f"{source}: serial: expected a non-negative integer")
         rules = []
         for name, spec in (doc.get("operators") or {}).items():
             rules.append(_parse_rule(path, str(name), spec))
-        return cls(tuple(rules))
+        policy = cls(tuple(rules), serial)
+        if authority is not None:
+            policy._check_signature(doc, source, authority, cluster_id)
+        return policy
+
+    def _check_signature(
+        self, doc: dict[str, Any], source: str, authority: Ed25519PublicKey, cluster_id: str | None
+    ) -> None:
+        if "signature" not in doc:
+            raise AuthenticationError(
+                f"{source}: policy is not signed by the cluster authority (run `secmig cluster sign-policy`)"
+            )
+        try:
+            signature = b64decode(doc.get("signature"), "signature", SIGNATURE_BYTES)
+        except DocumentFormatError as err:
+            raise AuthenticationError(f"{source}: policy signature: {err}") from err
+        signed_for = doc.get("cluster_id")
+        if not is_valid_id(signed_for) or (cluster_id is not None and signed_for != cluster_id):
+            raise AuthenticationError(f"{source}: policy is not for this cluster")
+        assert isinstance(signed_for, str)
+        if not verify_document(authority, POLICY_KIND, self.payload(signed_for), signature):
+            raise AuthenticationError(f"{source}: policy signature does not verify (edited without the authority key)")
 
 
 def _parse_rule(path: Path, name: str, spec: object) -> OperatorRule:

@@ -55,9 +55,11 @@ from secmig.security.events import (
     Authorized,
     Commit,
     Committed,
+    Confirm,
     DeviceState,
     MigrationRequest,
     PageBatch,
+    Prepared,
     ReceivedEvent,
     RoundEnd,
     RoundStart,
@@ -68,7 +70,16 @@ from secmig.security.frames import FrameType
 from secmig.security.grants import Grant, NonceStore
 from secmig.security.handshake import Authorizer, GrantAuthorizer
 from secmig.security.location import BindingRegistry
-from secmig.security.state import PRE_AUTHORIZATION, TERMINAL, ConnectionState, Role, Signal, State
+from secmig.security.state import (
+    AFTER_COMMIT,
+    LINK_DEAD,
+    PRE_AUTHORIZATION,
+    ConnectionState,
+    Outcome,
+    Role,
+    Signal,
+    State,
+)
 from secmig.security.tls import TlsChannel, TlsFailure
 
 __all__ = ["MAX_BUFFERED_BYTES", "MAX_DEVICE_STATE", "MigrationConnection", "State"]
@@ -84,7 +95,11 @@ _MALFORMED = (DocumentFormatError, struct.error, ValueError, UnicodeError, Overf
 
 def _authorized(peer_host: str, req: MigrationRequest) -> Authorized:
     next_binding = None if req.grant is None else req.grant.next_binding
-    return Authorized(peer_host, req.operation, req.vm_id, req.page_size, req.page_count, next_binding)
+    bound = None if req.grant is None else req.grant.manifest_digest
+    nonce = None if req.grant is None else req.grant.nonce
+    return Authorized(
+        peer_host, req.operation, req.vm_id, req.page_size, req.page_count, next_binding, bound, nonce, req.binding
+    )
 
 
 class MigrationConnection:
@@ -127,6 +142,8 @@ class MigrationConnection:
         self._round_pages = 0
         self._digest_table: bytearray | None = None
         self._commit_digest: bytes | None = None
+        self._ack_on_confirm = False
+        """The destination voted with Committed (no register): the final COMMITTED goes out on CONFIRM."""
         self.page_bytes_sent = 0
         self.page_bytes_received = 0
         self._subject: str | None = None
@@ -189,7 +206,7 @@ class MigrationConnection:
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         """Bytes from the peer; ``b""`` means the transport closed."""
-        if self.state in TERMINAL:
+        if self.state in LINK_DEAD:
             return  # after the end nothing the peer sends matters
         if not data:
             self._eof = True
@@ -208,7 +225,7 @@ class MigrationConnection:
             raise self._error
         if self._events:
             return self._events.popleft()
-        if self.state in TERMINAL:
+        if self.state in LINK_DEAD:
             return CONNECTION_CLOSED
         try:
             event = self._advance_inbound()
@@ -235,7 +252,7 @@ class MigrationConnection:
             event = self._handle_frame(*frame)
             if event is not None:
                 return event
-            if self.state in TERMINAL:
+            if self.state in LINK_DEAD:
                 return self._events.popleft() if self._events else CONNECTION_CLOSED
 
     def _handle_frame(self, ftype: FrameType, payload: bytearray) -> ReceivedEvent | None:
@@ -282,11 +299,24 @@ class MigrationConnection:
             return DeviceState(bytes(payload))
         if ftype is FrameType.COMMIT:
             return self._on_commit(frames.decode_digest(payload, "commit"))
+        if ftype is FrameType.PREPARED:
+            digest = frames.decode_digest(payload, "prepared")
+            if digest != self._commit_digest:
+                raise RemoteProtocolError("destination prepared a memory digest other than the one sent")
+            self._record("migration.prepared", Decision.INFO, {"peer": self.peer_host})
+            return Prepared(digest)
+        if ftype is FrameType.CONFIRM:
+            digest = frames.decode_digest(payload, "confirm")
+            if digest != self._commit_digest:
+                raise RemoteProtocolError("source confirmed a memory digest other than the one committed")
+            self._committed_here()
+            if self._ack_on_confirm:
+                self._send_frame(FrameType.COMMITTED, digest)
+            return Confirm(digest)
         if ftype is FrameType.COMMITTED:
             digest = frames.decode_digest(payload, "committed")
             if digest != self._commit_digest:
                 raise RemoteProtocolError("destination committed a memory digest other than the one sent")
-            self._record("migration.committed", Decision.ALLOW, {"peer": self.peer_host})
             return Committed(digest)
         raise RemoteProtocolError(f"unexpected frame {ftype.name}")  # pragma: no cover - table forbids it
 
@@ -403,7 +433,7 @@ class MigrationConnection:
 
     def send(self, event: SendableEvent) -> bytes:
         """Apply a local event and return the bytes to deliver to the peer; LocalProtocolError if not allowed now."""
-        if self.state in TERMINAL:
+        if self.state in LINK_DEAD:
             raise LocalProtocolError(f"cannot send {type(event).__name__}: migration is {self.state.value}")
         if isinstance(event, Abort):
             return self._send_abort(event)
@@ -428,12 +458,20 @@ class MigrationConnection:
                 raise LocalProtocolError("commit needs a 32-byte memory digest (see frames.memory_digest)")
             self._send_frame(FrameType.COMMIT, event.memory_digest)
             self._commit_digest = event.memory_digest
-        elif isinstance(event, Committed):
+        elif isinstance(event, Prepared | Committed):
+            if self._commit_digest is None or self.role is not Role.DESTINATION:
+                raise LocalProtocolError("nothing to vote on: no matching COMMIT was received")
+            if self.state is State.COMMITTING:  # the vote (Committed: and the final word once confirmed)
+                self._send_frame(FrameType.PREPARED, self._commit_digest)
+                self._ack_on_confirm = isinstance(event, Committed)
+            elif isinstance(event, Committed):
+                self._send_frame(FrameType.COMMITTED, self._commit_digest)
+            else:
+                raise LocalProtocolError(f"cannot vote in state {self.state.value}")
+        elif isinstance(event, Confirm):
             if self._commit_digest is None:
-                raise LocalProtocolError("nothing to confirm: no matching COMMIT was received")
-            self._send_frame(FrameType.COMMITTED, self._commit_digest)
-            if self.authorized is not None and self._authorizer is not None:
-                self._authorizer.committed(self.authorized)
+                raise LocalProtocolError("nothing to confirm: no COMMIT was sent")
+            self._send_frame(FrameType.CONFIRM, self._commit_digest)
             self._record("migration.committed", Decision.ALLOW, {"peer": self.peer_host})
         else:  # pragma: no cover - typing forbids it
             raise LocalProtocolError(f"not a sendable event: {event!r}")
@@ -518,16 +556,50 @@ class MigrationConnection:
                 Decision.REFUSE,
                 {"by": "peer", "reason": str(failure)},
             )
+            if self.state in AFTER_COMMIT[self.role] or self.state is State.CONFIRMED:
+                self._state.signal(Signal.PROTOCOL_ERROR)  # IN_DOUBT (or DONE once confirmed): no abort now
+                return CONNECTION_CLOSED
             self._state.signal(Signal.ABANDON)
             return Aborted(code, str(failure), by_peer=True)
         raise self._fail(RemoteProtocolError(str(failure)))
 
     def _fail(self, err: RemoteProtocolError) -> RemoteProtocolError:
         self._record("protocol.error", Decision.REFUSE, {"state": self.state.value, "reason": str(err)})
-        self._tell_peer_abort(AbortCode.PROTOCOL, str(err))
+        if self.state not in AFTER_COMMIT[self.role]:  # after the commit point only the register may abort
+            self._tell_peer_abort(AbortCode.PROTOCOL, str(err))
         self._state.signal(Signal.PROTOCOL_ERROR)
         self._error = err
         return err
+
+    # -- the commit's outcome -------------------------------------------------------------------------
+
+    def _committed_here(self) -> None:
+        """The move is decided and this is the destination: its authorizer records the new binding."""
+        if self.role is Role.DESTINATION and self.authorized is not None and self._authorizer is not None:
+            self._authorizer.committed(self.authorized)
+            self._record("migration.committed", Decision.ALLOW, {"peer": self.peer_host})
+
+    def link_lost(self, reason: str) -> None:
+        """The application saw the link fail (closed, silent peer, unanswered register); see the table.
+
+        Before the commit point the migration ends aborted; after it this end is IN_DOUBT until
+        :meth:`register_decided`; once CONFIRMED it is DONE."""
+        if self.state in LINK_DEAD:
+            return
+        if self.state in AFTER_COMMIT[self.role] or self.state is State.CONFIRMED:
+            self._record("migration.in-doubt", Decision.INFO, {"state": self.state.value, "reason": reason})
+            self._state.signal(Signal.PROTOCOL_ERROR)
+        else:
+            self._state.signal(Signal.ABANDON)
+
+    def register_decided(self, committed: bool) -> None:
+        """The location register's answer for this move, which ends IN_DOUBT (LocalProtocolError elsewhere)."""
+        self._state.decided(Outcome.MOVED if committed else Outcome.STAYED)
+        self._record(
+            "migration.decided", Decision.ALLOW if committed else Decision.ABORT, {"by": "register", "moved": committed}
+        )
+        if committed:
+            self._committed_here()
 
     def __repr__(self) -> str:
         return f"<MigrationConnection {self.role.value} {self.identity.host_id} state={self.state.value}>"

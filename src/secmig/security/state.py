@@ -10,6 +10,27 @@ appears only in states reachable through AUTHORIZED, so no code path can emit or
 :class:`~secmig.errors.LocalProtocolError` when this end caused it and a
 :class:`~secmig.errors.RemoteProtocolError` when the peer did.
 
+**The commit** (one owner at every instant). libvirt's migration protocol v3 is the anchor — Begin,
+Prepare, Perform, Finish, Confirm — where the destination's Finish resumes the guest before the source's
+Confirm, and a lost reply can leave both sides guessing. Here the destination resumes only after the
+source confirmed, and the location register of :mod:`.register` is the one place a move is decided::
+
+    source                              destination                     who may run the VM
+    ── DEVICE_STATE, COMMIT(digest) ─▶  COMMITTING: checks the digest   nobody: source paused, copy loaded
+    ◀──────────── PREPARED ──────────   PREPARED: its vote, cannot be taken back
+    register.commit: epoch e → e + 1                                    nobody
+    ── CONFIRM ─────────────────────▶   CONFIRMED: checks the register  the destination (source released)
+    ◀──────────── COMMITTED ─────────   DONE: resumed                   the destination
+
+- COMMIT and PREPARED move nothing: the source stays paused, the destination's copy loaded but paused.
+- After its commit point (COMMIT sent; PREPARED sent) an end never leaves on its own: a lost link, a
+  silent peer, an unanswered register is a ``PROTOCOL_ERROR`` there and leads to ``IN_DOUBT``, which
+  ends only on the register's answer (:data:`REGISTER_ANSWERS`, the one set of rows no frame and no
+  local event triggers, so it sits beside :data:`TRANSITIONS` rather than in it). The destination cannot abort after
+  its vote; the source's ABORT after COMMIT is sent only once the register recorded the abort.
+- :data:`RUNNER` says, for every state, which end may run the VM; no pair of states the protocol can
+  reach has both ends running (``tests/security/test_commit_table.py`` walks them all).
+
 Must not: decode bytes, check credentials, audit, or know what a frame carries; it sees only triggers.
 """
 
@@ -47,6 +68,13 @@ class State(enum.Enum):
     """Stop-and-copy: the VM is paused; the last dirty pages may still come."""
     STATE_TRANSFERRED = "state-transferred"
     COMMITTING = "committing"
+    """COMMIT sent: the source is paused and stays so until the register decides."""
+    PREPARED = "prepared"
+    """The destination voted: it holds a loaded, paused copy and waits for CONFIRM (or the register)."""
+    CONFIRMED = "confirmed"
+    """The register holds the new epoch and the source said so: the destination runs the VM."""
+    IN_DOUBT = "in-doubt"
+    """The link failed after COMMIT: this end's copy stays paused; only the location register ends this state."""
     DONE = "done"
     ABORTED = "aborted"
     ERROR = "error"
@@ -66,14 +94,43 @@ class Signal(enum.Enum):
 Trigger = FrameType | Signal
 
 TERMINAL = frozenset({State.DONE, State.ABORTED, State.ERROR})
+LINK_DEAD = TERMINAL | {State.IN_DOUBT}
+"""States in which the connection neither sends nor receives (IN_DOUBT waits for the register, not the peer)."""
 PRE_AUTHORIZATION = frozenset(
     {State.TLS_HANDSHAKE, State.AWAIT_SOURCE_HELLO, State.AWAIT_DESTINATION_HELLO, State.AWAIT_AUTHORIZATION}
 )
 """States in which neither end has yet been told the operation is authorized."""
-ABORTABLE_AFTER_TLS = frozenset(State) - TERMINAL - {State.TLS_HANDSHAKE}
-"""ABORT may be sent by either end in any of these states (it needs the TLS channel to travel)."""
+ABORTABLE_AFTER_TLS = frozenset(State) - LINK_DEAD - {State.TLS_HANDSHAKE}
+"""ABORT may be sent in any of these states (it needs the TLS channel to travel), but see :func:`_may_abort`."""
 
 S, D = Role.SOURCE, Role.DESTINATION
+
+AFTER_COMMIT: dict[Role, frozenset[State]] = {
+    S: frozenset({State.COMMITTING, State.PREPARED}),
+    D: frozenset({State.PREPARED}),
+}
+"""Where a failure is ambiguous: the source has sent COMMIT, the destination has voted (PREPARED), and
+neither knows the outcome. In CONFIRMED both know it (the register holds the new epoch)."""
+
+
+def _may_abort(role: Role, state: State) -> bool:
+    # The destination cannot take back its vote; the source may abort after COMMIT until it confirmed
+    # (and only once the register recorded the abort: its caller's duty, see the module docstring).
+    if role is D:
+        return state in ABORTABLE_AFTER_TLS and state not in AFTER_COMMIT[D]
+    return state in ABORTABLE_AFTER_TLS and state is not State.CONFIRMED
+
+
+def _after_protocol_error(role: Role, state: State) -> State:
+    if state in AFTER_COMMIT[role]:
+        return State.IN_DOUBT
+    return State.DONE if state is State.CONFIRMED else State.ERROR
+
+
+def _may_abandon(role: Role, state: State) -> bool:
+    # Giving up locally is not possible once the outcome is the register's to decide.
+    return state not in LINK_DEAD and state not in AFTER_COMMIT[role] and state is not State.CONFIRMED
+
 
 TRANSITIONS: dict[tuple[Role, State, Trigger], State] = {
     # handshake: TLS first (a signal at each end), then the application hellos
@@ -90,25 +147,56 @@ TRANSITIONS: dict[tuple[Role, State, Trigger], State] = {
     (S, State.STOPPED, FrameType.PAGE_BATCH): State.STOPPED,
     (S, State.STOPPED, FrameType.DEVICE_STATE): State.STATE_TRANSFERRED,
     (S, State.STATE_TRANSFERRED, FrameType.COMMIT): State.COMMITTING,
-    (D, State.COMMITTING, FrameType.COMMITTED): State.DONE,
-    # either end may abort once the TLS channel can carry the ABORT frame ...
+    # the commit: the destination votes, the source confirms once the register holds the new epoch,
+    # the destination resumes and says so
+    (D, State.COMMITTING, FrameType.PREPARED): State.PREPARED,
+    (S, State.PREPARED, FrameType.CONFIRM): State.CONFIRMED,
+    (D, State.CONFIRMED, FrameType.COMMITTED): State.DONE,
+    # either end may abort once the TLS channel can carry the ABORT frame (not the destination after its vote) ...
+    **{(role, state, FrameType.ABORT): State.ABORTED for role in Role for state in State if _may_abort(role, state)},
+    # ... and may give up locally in any live state before its commit point (before TLS, nothing can be told)
+    **{(role, state, Signal.ABANDON): State.ABORTED for role in Role for state in State if _may_abandon(role, state)},
+    # a protocol error (a lost link is one) ends every state but ERROR itself, even one the offending frame
+    # just ended; after the commit point it leaves the copy paused, IN_DOUBT, and only the register ends
+    # that; once CONFIRMED both ends know the outcome (the final COMMITTED is only a courtesy)
     **{
-        (role, state, FrameType.ABORT): State.ABORTED
+        (role, state, Signal.PROTOCOL_ERROR): _after_protocol_error(role, state)
         for role in Role
         for state in State
-        if state in ABORTABLE_AFTER_TLS
-    },
-    # ... and may give up locally in any live state (before TLS, nothing can be told to the peer)
-    **{(role, state, Signal.ABANDON): State.ABORTED for role in Role for state in State if state not in TERMINAL},
-    # a protocol error ends every state but ERROR itself, even one the offending frame just ended
-    **{
-        (role, state, Signal.PROTOCOL_ERROR): State.ERROR
-        for role in Role
-        for state in State
-        if state is not State.ERROR
+        if state not in (State.ERROR, State.IN_DOUBT)
     },
 }
 """Rule 1: (who, state, trigger) → next state. Anything absent is a protocol error for whoever caused it."""
+
+
+RUNNER: dict[State, Role | None] = {
+    **{state: S for state in State},
+    State.COMMITTING: None,
+    State.PREPARED: None,
+    State.IN_DOUBT: None,
+    State.CONFIRMED: D,
+    State.DONE: D,
+}
+"""Which end may run a relocated VM while an end is in this state: an end runs its copy only when this
+names it. ERROR is reached only before the commit point, so there the source runs; ABORTED after the
+commit point is reached only on the register's (or the source's) abort. A copy, clone or template
+leaves the source running whatever this says: the table speaks of relocations."""
+
+
+class Outcome(enum.Enum):
+    """The location register's answer about one move (see :mod:`.register`)."""
+
+    MOVED = "moved"
+    """The register holds the new epoch at the destination."""
+    STAYED = "stayed"
+    """The register recorded the move as aborted: it can never happen."""
+
+
+REGISTER_ANSWERS: dict[tuple[State, Outcome], State] = {
+    (State.IN_DOUBT, Outcome.MOVED): State.DONE,
+    (State.IN_DOUBT, Outcome.STAYED): State.ABORTED,
+}
+"""The rows the register's answer triggers, for either end: nothing else leaves IN_DOUBT."""
 
 
 def next_state(sender: Role, state: State, trigger: Trigger) -> State | None:
@@ -146,6 +234,13 @@ class ConnectionState:
         new = next_state(peer, self.state, frame)
         if new is None:
             raise RemoteProtocolError(f"{peer.value} sent {frame.name} in state {self.state.value}")
+        self.state = new
+
+    def decided(self, outcome: Outcome) -> None:
+        """The register answered; LocalProtocolError unless this end is IN_DOUBT."""
+        new = REGISTER_ANSWERS.get((self.state, outcome))
+        if new is None:
+            raise LocalProtocolError(f"the register's answer changes nothing in state {self.state.value}")
         self.state = new
 
     def signal(self, signal: Signal) -> None:

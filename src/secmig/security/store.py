@@ -1,7 +1,10 @@
-"""A host's persistent security state in SQLite: consumed grant nonces and accepted binding epochs.
+"""A host's persistent security state in SQLite: consumed grant nonces, accepted binding epochs, and the
+newest signed trust material (revocation list, policy) it has ever accepted.
 
-Both must survive a restart, or a restart would re-open every replay. ``consume`` relies on the primary
-key for an atomic test-and-set, so two connections racing on one grant cannot both win.
+All must survive a restart, or a restart would re-open every replay or rollback. ``consume`` relies on the
+primary key for an atomic test-and-set, so two connections racing on one grant cannot both win; the trust
+documents only move forward (:meth:`SqliteHostState.offer_trust`), so an older signed revocation list or
+policy put back in the cluster folder is ignored in favour of the newest one seen.
 """
 
 from __future__ import annotations
@@ -26,6 +29,10 @@ class SqliteHostState:
             )
             self._conn.execute(
                 "CREATE TABLE IF NOT EXISTS binding_epochs (vm_id TEXT PRIMARY KEY, epoch INTEGER NOT NULL)"
+            )
+            self._conn.execute(
+                "CREATE TABLE IF NOT EXISTS trust_documents"
+                " (kind TEXT PRIMARY KEY, serial INTEGER NOT NULL, document TEXT NOT NULL)"
             )
         except sqlite3.Error as err:
             raise AuditError(f"{path}: cannot open host state: {err}") from err
@@ -58,3 +65,26 @@ class SqliteHostState:
             "ON CONFLICT(vm_id) DO UPDATE SET epoch = max(epoch, excluded.epoch)",
             (binding.vm_id, binding.epoch),
         )
+
+    def offer_trust(self, kind: str, serial: int, document: str) -> tuple[int, str]:
+        """Keep ``document`` (already verified by the caller) if its serial is newer than the stored one of
+        ``kind``; return the newest (serial, document) held, which is the one to use."""
+        try:
+            self._conn.execute(
+                "INSERT INTO trust_documents (kind, serial, document) VALUES (?, ?, ?) "
+                "ON CONFLICT(kind) DO UPDATE SET serial = excluded.serial, document = excluded.document "
+                "WHERE excluded.serial > trust_documents.serial",
+                (kind, serial, document),
+            )
+            row = self._conn.execute("SELECT serial, document FROM trust_documents WHERE kind = ?", (kind,)).fetchone()
+        except sqlite3.Error as err:
+            raise AuditError(f"{self.path}: cannot record trust material: {err}") from err
+        return int(row[0]), str(row[1])
+
+    def newest_trust(self, kind: str) -> tuple[int, str] | None:
+        """The newest (serial, document) of ``kind`` accepted so far (None when none was)."""
+        try:
+            row = self._conn.execute("SELECT serial, document FROM trust_documents WHERE kind = ?", (kind,)).fetchone()
+        except sqlite3.Error as err:
+            raise AuditError(f"{self.path}: cannot read trust material: {err}") from err
+        return None if row is None else (int(row[0]), str(row[1]))

@@ -9,11 +9,23 @@ standard RFC 9266 ``tls-exporter`` binding: label ``EXPORTER-Channel-Binding``, 
 
 Everything pyOpenSSL-specific stays in this module. Failures are reported as :class:`TlsFailure`, which
 says whether our certificate check refused the peer, the peer sent an alert, or the bytes were bad.
+
+**Decrypted bytes.** A VM's pages are plaintext only after this layer, and a destroyed VM must leave none
+behind. pyOpenSSL's own ``recv_into`` decrypts into a temporary C buffer it frees without zeroing (then
+copies); :meth:`TlsChannel.recv_into` instead has OpenSSL decrypt straight into the caller's buffer (the
+frame reader's payload, which the consumer zeroes with :func:`scrub` once the pages are in the VM's
+memory), and every session sets OpenSSL's ``SSL_OP_CLEANSE_PLAINTEXT`` so the record layer wipes its
+own copy as soon as it was handed over. What Python cannot promise: that no *other* copy exists — a
+``bytes`` object made from the data (a device state, a relay's socket buffer), memory the kernel
+swapped out (nothing is locked), and objects the garbage collector frees, which Python's allocators
+return unzeroed. Only buffers we own are zeroed; code that handles pages must not copy them.
 """
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography import x509
 from OpenSSL import SSL
@@ -27,6 +39,33 @@ EXPORTER_BYTES = 32
 _READ_CHUNK = 16 * 1024 + 256
 """A TLS record carries at most 16 KiB of plaintext; reading more per call only allocates more."""
 _BIO_CHUNK = 2 * 1024 * 1024
+_OP_CLEANSE_PLAINTEXT = 0x2
+"""OpenSSL 3's ``SSL_OP_CLEANSE_PLAINTEXT`` (pyOpenSSL does not name it): wipe decrypted records once read."""
+_OPENSSL_3 = 0x30000000
+
+
+def _direct_read() -> Any:
+    """pyOpenSSL's cffi binding, for ``SSL_read`` into a caller's buffer (None when it is not where it was)."""
+    lib, ffi = getattr(SSL, "_lib", None), getattr(SSL, "_ffi", None)
+    if lib is None or ffi is None or not hasattr(lib, "SSL_read") or not hasattr(ffi, "from_buffer"):
+        return None
+    return lib, ffi
+
+
+_DIRECT = _direct_read()
+
+
+def scrub(data: bytes | bytearray | memoryview) -> bool:
+    """Zero the writable buffer behind ``data`` (a bytearray, or any view of one: the *whole* bytearray).
+
+    Returns False when there is nothing we may write (``bytes`` are immutable: such a copy stays until
+    Python frees it, unzeroed)."""
+    target = data.obj if isinstance(data, memoryview) else data
+    if not isinstance(target, bytearray) or not target:
+        return False
+    n = len(target)
+    ctypes.memset((ctypes.c_char * n).from_buffer(target), 0, n)
+    return True
 
 # X509_V_ERR_* codes we name in refusals; others are reported by number.
 _VERIFY_ERRORS = {
@@ -66,6 +105,8 @@ class TlsChannel:
         ctx.set_max_proto_version(SSL.TLS1_3_VERSION)
         # Every migration is a full handshake with certificates: no tickets, no resumption, no cache.
         ctx.set_options(SSL.OP_NO_TICKET)
+        if _DIRECT is not None and _DIRECT[0].OpenSSL_version_num() >= _OPENSSL_3:
+            ctx.set_options(_OP_CLEANSE_PLAINTEXT)
         ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         ctx.use_certificate(identity.certificate)
         ctx.use_privatekey(identity.key)
@@ -131,9 +172,17 @@ class TlsChannel:
             raise self._failure(err) from err
 
     def recv_into(self, buf: memoryview) -> int:
-        """Decrypt into ``buf``; 0 when no complete record is buffered. Raises TlsFailure."""
+        """Decrypt into ``buf`` (OpenSSL writes there directly: no other plaintext copy); 0 when no complete
+        record is buffered. Raises TlsFailure."""
+        n = min(len(buf), _READ_CHUNK)
         try:
-            return self._conn.recv_into(buf, min(len(buf), _READ_CHUNK))
+            if _DIRECT is None or buf.readonly or not buf.contiguous:
+                return self._conn.recv_into(buf, n)
+            lib, ffi = _DIRECT
+            ssl = self._conn._ssl  # pyOpenSSL copies through an unzeroed buffer
+            result = int(lib.SSL_read(ssl, ffi.from_buffer(buf), n))
+            self._conn._raise_ssl_error(ssl, result)  # the error mapping recv_into uses
+            return result
         except SSL.WantReadError:
             return 0
         except SSL.ZeroReturnError as err:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -64,6 +64,63 @@ class MigrationSpec:
     switchover_bandwidth_bytes_per_s: float | None = None
     postcopy_after_rounds: int = 1
     """Hybrid only: pre-copy rounds before the switch to post-copy."""
+    operation: str = "migrate"
+    """Table 4.1: ``migrate`` (live, the VM ends on the destination), ``move`` (non-live, likewise),
+    ``copy`` (a stored copy on the destination, the VM stays), ``clone`` (a new running VM with a new
+    identity on the destination, the VM stays), ``template`` (a stored, non-runnable image; the VM stays)."""
+    grant: str = "valid"
+    """What the operation presents at the gate: ``valid``, ``none``, ``forged``, ``replayed``, ``stale``."""
+
+    @property
+    def relocates(self) -> bool:
+        """True when the VM itself ends up on the destination."""
+        return self.operation in ("migrate", "move")
+
+
+@dataclass(frozen=True, slots=True)
+class AttackSpec:
+    """A scenario's ``attack:`` block: what the lab scores the run on. The gate reads ``outside`` (those
+    hosts hold no Vsignature) and the grants; the monitor reads none of it."""
+
+    kind: str = "detection"
+    target: str | None = None
+    start_s: float = 0.0
+    description: str = ""
+    outside: tuple[str, ...] = ()
+    ungranted: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    """What the gate said of one operation, and what its handshake cost on the wire."""
+
+    accepted: bool
+    reason: str
+    handshake_bytes: int
+    flights: int
+    """One-way trips of the handshake (each costs the path's latency)."""
+
+
+Gate = Callable[[MigrationSpec, str, float], GateDecision]
+"""Before any page: (operation, source host, now) → accepted or refused. See :mod:`secmig.sim.gate`."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperationEffect:
+    """What one operation left behind."""
+
+    vm: str
+    operation: str
+    source: str
+    destination: str
+    completed: bool
+    source_kept: bool
+    """The VM still runs on its source (copy, clone, template; or any refused or aborted operation)."""
+    new_vm: str | None = None
+    """A clone's new identity, running on the destination."""
+    image: str | None = None
+    """``copy`` (a stored, paused copy) or ``template`` (not runnable) on the destination."""
+    reason: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +150,11 @@ class SimulationSpec:
     until_s: float | None = None
     usage_bin_s: float = 0.1
     """Link utilisation is reported as the mean load over bins of this length."""
+    attack: AttackSpec | None = None
+    secure: bool = False
+    """Run the gate and the monitor (``secmig simulate`` and the lab read it; the engine does not)."""
+    monitor_rules: dict[str, object] | None = None
+    """Overrides of the monitor's rules for this scenario (rules.yaml's shape)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +162,7 @@ class FlowRecord:
     """One finished flow: what the monitor reads at the vSwitches."""
 
     kind: str
-    """``migration`` or ``app``."""
+    """``migration`` (page bytes), ``handshake`` (the gate's bytes, no page), ``app`` or ``exfil``."""
     vm: str
     src_host: str
     dst_host: str
@@ -155,6 +217,13 @@ class Simulation:
         self._migrating: dict[str, tuple[MigrationSpec, str, float, MigrationStrategy, list[Flow]]] = {}
         self.processes: list[Callable[[], simpy.events.ProcessGenerator]] = []
         self.on_migration_end: Callable[[MigrationResult], None] | None = None
+        self.gate: Gate | None = None
+        """Asked before any page of an operation moves; None: every operation is let through."""
+        self.effects: list[OperationEffect] = []
+        self.images: dict[str, tuple[str, str]] = {}
+        """Stored images (copies, templates) by name: (host, kind). Not running, not runnable (templates)."""
+        self._own_cap: dict[int, float] = {}
+        """Each live flow's own rate cap (a traffic spec's rate), by id: what a lifted throttle restores."""
 
     def _vm(self, name: str, where: str) -> VM:
         try:
@@ -203,7 +272,7 @@ class Simulation:
             vm.ram_bytes,
             vm.used_bytes,
             vm.device_state_bytes,
-            policy=spec.policy,
+            policy=spec.policy.for_vm(vm.ram_bytes),
             auto_converge=AutoConverge() if spec.auto_converge else None,
             bandwidth_hint_bytes_per_s=min(bandwidth, spec.max_bandwidth_bytes_per_s),
             switchover_bandwidth_bytes_per_s=spec.switchover_bandwidth_bytes_per_s,
@@ -226,6 +295,19 @@ class Simulation:
             path, latency = self.topo.path(src, spec.destination)
             strategy = self._strategy(spec, vm, self.net.path_bandwidth(path))
             dst = spec.destination
+            if self.gate is not None:
+                # The handshake comes first: its bytes cross the path, each of its flights costs the
+                # latency, and a refusal ends the operation before any page moves.
+                decision = self.gate(spec, src, start)
+                t0 = float(env.now)
+                hs = self.net.transfer(path, decision.handshake_bytes, account=self.account[vm.name], tag=None)
+                yield hs.done
+                yield env.timeout(decision.flights * latency)
+                self._record_flow("handshake", vm.name, src, dst, t0, decision.handshake_bytes)
+                if not decision.accepted:
+                    refused = AbortMigration(f"refused at the gate: {decision.reason}")
+                    self._finish(spec, src, start, 0.0, refused, strategy)
+                    return
             acct = self.memory_account[vm.name]
             tag = ("migration", src, spec.destination)
             current: list[Flow] = []
@@ -242,12 +324,14 @@ class Simulation:
                         self.net.transfer(
                             path,
                             action.bytes,
-                            cap_bytes_per_s=min(spec.max_bandwidth_bytes_per_s, self.rate_cap.get(vm.name, math.inf)),
+                            cap_bytes_per_s=min(spec.max_bandwidth_bytes_per_s, self._cap_for_new_flow(vm.name)),
                             account=acct,
                             tag=tag,
                         )
                     ]
+                    self._own_cap[id(current[0])] = spec.max_bandwidth_bytes_per_s
                     yield current[0].done
+                    self._own_cap.pop(id(current[0]), None)
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     # A throttled guest runs (1 − throttle) of the time, so it dirties as in a shorter period.
                     dirty = vm.dirty.dirty_pages((env.now - t0) * (1.0 - strategy.throttle))
@@ -259,7 +343,8 @@ class Simulation:
                     # The VM is paused; QEMU lifts the rate limit for the switchover.
                     paused_at = t0
                     self.paused[vm.name] = t0
-                    current[:] = [self.net.transfer(path, action.bytes, account=acct, tag=tag)]
+                    cap = 0.0 if self.rate_cap.get(vm.name) == 0.0 else math.inf  # a cut holds the switchover too
+                    current[:] = [self.net.transfer(path, action.bytes, cap_bytes_per_s=cap, account=acct, tag=tag)]
                     yield current[0].done
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
                     yield env.timeout(latency)
@@ -268,7 +353,8 @@ class Simulation:
                     action = strategy.stop_and_copy_done(float(env.now))
                 elif isinstance(action, PostCopyPush):
                     # The VM runs on the destination; it faults on pages still on the source.
-                    self.location[vm.name] = dst
+                    if spec.relocates:
+                        self.location[vm.name] = dst
                     current[:] = [self.net.transfer(path, action.bytes, account=acct, tag=tag)]
                     yield current[0].done
                     self._record_flow("migration", vm.name, src, dst, t0, action.bytes)
@@ -276,7 +362,7 @@ class Simulation:
                     faults = expected_remote_faults(vm.dirty.dirty_pages, push_s, action.remote_fraction)
                     action = strategy.push_done(float(env.now), faults)
                 else:
-                    if isinstance(action, Finished):
+                    if isinstance(action, Finished) and spec.relocates:
                         self.location[vm.name] = dst
                     if strategy.throttle > 0:
                         strategy.extra["throttle"] = strategy.throttle
@@ -311,10 +397,37 @@ class Simulation:
                 extra=dict(strategy.extra),
             )
         )
+        self._effect(spec, src, done, action.reason)
         if self._progress is not None:
             self._progress(len(self.results), len(self.spec.migrations))
         if self.on_migration_end is not None:
             self.on_migration_end(self.results[-1])
+
+    def _effect(self, spec: MigrationSpec, src: str, done: bool, reason: str) -> None:
+        """What the operation leaves: the agents' semantics (``agent/daemon.py``: ``install_vm``)."""
+        op, dst = spec.operation, spec.destination
+        new_vm = image = None
+        if done and op == "clone":
+            new_vm = self._clone(spec.vm, dst)
+        elif done and op in ("copy", "template"):
+            image = f"{spec.vm}-{op}@{dst}"
+            self.images[image] = (dst, op)
+        kept = not (done and spec.relocates)
+        self.effects.append(OperationEffect(spec.vm, op, src, dst, done, kept, new_vm, image, reason))
+
+    def _clone(self, vm: str, host: str) -> str:
+        """A clone: a new VM with its own identity (name, MAC) running on ``host``; the original stays."""
+        n = 1 + sum(1 for name in self.vms if name.startswith(f"{vm}-clone"))
+        name = f"{vm}-clone{n}"
+        orig = self.vms[vm]
+        mac = f"52:54:01:{(len(self.vms) >> 8) & 0xFF:02x}:{len(self.vms) & 0xFF:02x}:{n & 0xFF:02x}"
+        self.vms[name] = replace(orig, name=name, host=host, mac=mac)
+        self.location[name] = host
+        self._locks[name] = simpy.Resource(self.env, capacity=1)
+        used = set(self.account.values()) | set(self.memory_account.values())
+        self.account[name] = max(used) + 1
+        self.memory_account[name] = max(used) + 2
+        return name
 
     def migrating(self, vm: str) -> tuple[str, str] | None:
         """(source, destination) of the VM's migration in progress, if any."""
@@ -348,12 +461,27 @@ class Simulation:
             # Wake the traffic process waiting on it; it sees a flow that never ended and stops.
             flow.done.succeed(flow)
 
-    def throttle(self, vm: str, cap_bytes_per_s: float) -> None:
-        """Cap each of the VM's flows, those on the wire now and those to come, at ``cap_bytes_per_s``."""
-        self.rate_cap[vm] = cap_bytes_per_s
+    def restore(self, vm: str) -> None:
+        """Lift a throttle or a cut: every flow of the VM back to its own cap."""
+        self.rate_cap.pop(vm, None)
         for account in (self.account[vm], self.memory_account[vm]):
             for flow in self.net.flows_of(account):
-                self.net.set_cap(flow, cap_bytes_per_s)
+                self.net.set_cap(flow, self._own_cap.get(id(flow), math.inf))
+
+    def throttle(self, vm: str, cap_bytes_per_s: float) -> None:
+        """Cap each of the VM's flows, those on the wire now and those to come, at ``cap_bytes_per_s``
+        (never above a flow's own cap); 0 cuts them at once: nothing more crosses until :meth:`restore`."""
+        self.rate_cap[vm] = cap_bytes_per_s
+        flows = self.net.flows_of(self.account[vm]) + self.net.flows_of(self.memory_account[vm])
+        for flow in flows:  # the VM's cap is shared among its flows, not granted to each
+            self.net.set_cap(flow, min(cap_bytes_per_s / len(flows), self._own_cap.get(id(flow), math.inf)))
+
+    def _cap_for_new_flow(self, vm: str) -> float:
+        """A new flow's share of the VM's cap (its flows on the wire now, and this one)."""
+        cap = self.rate_cap.get(vm, math.inf)
+        if not math.isfinite(cap):
+            return cap
+        return cap / (1 + len(self.net.flows_of(self.account[vm])) + len(self.net.flows_of(self.memory_account[vm])))
 
     def _traffic(self, spec: TrafficSpec) -> simpy.events.ProcessGenerator:
         env = self.env
@@ -368,11 +496,13 @@ class Simulation:
             flow = self.net.transfer(
                 path,
                 chunk,
-                cap_bytes_per_s=min(spec.rate_bytes_per_s, self.rate_cap.get(spec.src_vm, math.inf)),
+                cap_bytes_per_s=min(spec.rate_bytes_per_s, self._cap_for_new_flow(spec.src_vm)),
                 account=self.account[spec.src_vm],
                 tag=(spec.kind, src, dst),
             )
+            self._own_cap[id(flow)] = spec.rate_bytes_per_s
             yield flow.done
+            self._own_cap.pop(id(flow), None)
             if flow.end_s is None:
                 return
             self._record_flow(spec.kind, spec.src_vm, src, dst, t0, chunk)
@@ -381,4 +511,3 @@ class Simulation:
 def run(spec: SimulationSpec, progress: Callable[[int, int], None] | None = None) -> RunResult:
     """Run one simulation."""
     return Simulation(spec).run(progress)
-

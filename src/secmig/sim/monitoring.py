@@ -1,13 +1,22 @@
 """The monitor inside a simulation: samples from the network's byte counters, actions on the simulation.
 
 Every ``rules.step_s`` each VM's byte counters become :class:`~secmig.monitor.TrafficSample` s — its own
-traffic and, apart, its migration stream (``memory=True``) — with the RTT it sees, modelled from its
-vSwitch's utilisation as an M/M/1 queue (base ÷ (1 − u)), and how long it has been paused for a
-stop-and-copy. An :class:`~secmig.monitor.Enforcer` judges the sliding window and carries its verdicts
-out through :class:`SimResponder`, whose identity check is the security core's real one: a flow of
-the VM is explained when it is the VM's own migration under a valid grant to a current member, or it
-goes to a host that proves cluster membership with its Vsignature; and the VM itself must be where its
-signed location binding says. What the scenario intends (its ``kind: exfil``) is never looked at.
+traffic, split per destination host in proportion to its flows' rates, and, apart, its migration stream
+(``memory=True``, ``live=False`` for a stop-and-copy) — with the RTT it sees, modelled from its vSwitch's
+utilisation as an M/M/1 queue (base ÷ (1 − u)), and how long it has been paused for a stop-and-copy. An
+:class:`~secmig.monitor.Enforcer` judges the sliding window and carries its verdicts out through
+:class:`SimResponder`, whose identity check is the security core's real one and asks of every flow of
+the VM "is this flow authorized": a migration stream needs a valid grant for this VM, this source, this
+destination and this operation at this instant, to a current member; any other flow must be addressed
+to a peer VM (one the VM talks to as a VM) on a member host. Bytes sent to a host itself — member or
+not — with no grant are not authorized: cluster membership alone explains nothing. And the VM itself
+must be where its signed location binding says. What the scenario intends (its ``kind: exfil``) is
+never looked at.
+
+The simulator's flows carry host endpoints only, so a flow to a host where one of the VM's peer VMs runs
+is read as traffic to that VM: a leak to such a host is explained by the check (a real vSwitch sees the
+destination address and tells them apart). That is the one place the slow-exfiltration floor is not
+set by the check.
 
 Clocked by simulated time only: credentials are checked at :attr:`SimSecurity.epoch_s` (the wall-clock
 instant that simulated time 0 stands for, fixed when the run's security is set up) plus ``env.now``, so
@@ -49,6 +58,10 @@ class SimSecurity:
     grants: dict[tuple[str, str, str], Grant] = field(default_factory=dict)
     epoch_s: float = field(default_factory=time.time)
     """Wall-clock time (s since 1970) that simulated time 0 stands for; read once, before the run."""
+    outside_cluster: Cluster | None = None
+    """The hosts outside the cluster, as members of another one (a CA this cluster does not trust)."""
+    spent: list[Grant] = field(default_factory=list)
+    """Grants whose single-use nonce a recorded session already consumed (replays)."""
 
     def at(self, now_s: float) -> float:
         """The wall-clock instant of simulated time ``now_s``: what signatures are checked against."""
@@ -65,11 +78,12 @@ class SimSecurity:
     def check_move(self, vm: str, src: str, dst: str, now_s: float = 0.0) -> tuple[bool, str]:
         """Is moving ``vm`` from ``src`` to ``dst`` covered by a grant to a current cluster member?"""
         try:
+            grant = self.grants.get((vm, src, dst))
             check_grant(
-                self.grants.get((vm, src, dst)),
+                grant,
                 self.cluster.trust().roots(),
                 now=self.at(now_s),
-                operation=Operation.MIGRATE,
+                operation=grant.operation if grant is not None else Operation.MIGRATE,
                 vm_id=vm,
                 source_host=src,
                 destination_host=dst,
@@ -119,40 +133,54 @@ class SimResponder:
         self.security = security
         self.log = log
 
-    def _flows(self, vm: str) -> list[tuple[str, str, str]]:
-        tags = []
-        for account in (self.sim.account[vm], self.sim.memory_account[vm]):
-            for flow in self.sim.net.flows_of(account):
-                if isinstance(flow.tag, tuple) and len(flow.tag) == 3:
-                    tags.append((str(flow.tag[0]), str(flow.tag[1]), str(flow.tag[2])))
-        return sorted(set(tags))
+    def _flows(self, account: int) -> list[tuple[str, str]]:
+        """(source host, destination host) of the account's flows on the wire now."""
+        ends = set()
+        for flow in self.sim.net.flows_of(account):
+            if isinstance(flow.tag, tuple) and len(flow.tag) == 3:
+                ends.add((str(flow.tag[1]), str(flow.tag[2])))
+        return sorted(ends)
+
+    def _peer_hosts(self, vm: str) -> dict[str, str]:
+        """Hosts the VM's peer VMs (those it addresses as VMs) run on now: host → peer VM."""
+        peers = {t.dst for t in self.sim.spec.traffic if t.src_vm == vm and t.dst in self.sim.vms}
+        # A destroyed peer's address is still a VM's address: traffic to it explains nothing more, and nothing less.
+        return {self.sim.location[p]: p for p in sorted(peers)}
 
     def challenge(self, vm: str, now_s: float) -> tuple[bool, str]:
-        """The identity check, from what the VM is doing now, never from what the scenario intends."""
+        """Is every flow of the VM authorized? From what the VM is doing now, never from what the scenario intends."""
         whys = []
         moving = self.sim.migrating(vm)
-        if moving is not None:
-            ok, why = self.security.check_move(vm, *moving, now_s)
-            if not ok:
-                return False, why
-            whys.append(why)
-        else:
+        if moving is None:
             ok, why = self.security.check_location(vm, self.sim.vms[vm].mac, self.sim.location[vm])
             if not ok:
                 return False, why
             whys.append(why)
-        for kind, _src, dst in self._flows(vm):
-            if kind == "migration":
-                continue  # checked above with its grant
+        streams = self._flows(self.sim.memory_account[vm])
+        if moving is not None and moving not in streams:
+            streams.append(moving)  # between two rounds: the migration still needs its grant
+        for src, dst in streams:
+            ok, why = self.security.check_move(vm, src, dst, now_s)
+            if not ok:
+                return False, why
+            whys.append(why)
+        peers = self._peer_hosts(vm)
+        for _src, dst in self._flows(self.sim.account[vm]):
+            peer = peers.get(dst)
+            if peer is None:
+                return False, f"flow {vm}→{dst} is not authorized: no grant for it and no peer VM there"
             ok, why = self.security.check_member(dst, now_s)
             if not ok:
-                return False, f"traffic to a host outside the cluster: {why}"
-        whys.append("every destination is a cluster member")
+                return False, f"traffic to {peer} on a host outside the cluster: {why}"
+        whys.append("every other flow goes to a peer VM on a cluster member")
         return True, "; ".join(whys)
 
     def throttle(self, vm: str, now_s: float, rate_bytes_per_s: float) -> None:
-        """Cap the VM's flows in the network."""
-        self.sim.throttle(vm, rate_bytes_per_s)
+        """Cap the VM's flows in the network (0 cuts them; ``inf`` lifts the cap)."""
+        if rate_bytes_per_s == float("inf"):
+            self.sim.restore(vm)
+        else:
+            self.sim.throttle(vm, rate_bytes_per_s)
 
     def abort_migration(self, vm: str, now_s: float, reason: str) -> None:
         """Cut the VM's migration stream (counting what had crossed) and leave the VM on its source."""
@@ -180,7 +208,9 @@ def attach_monitor(
     profiles = {vm.name: VMProfile(vm.transfer_rate_bytes_per_s or 0.0, vm.ram_bytes) for vm in sim.spec.vms}
     caps = {h.name: h.vswitch_bytes_per_s for h in sim.spec.infra.hosts}
     monitor = TrafficMonitor(rules, profiles, {h: c for h, c in caps.items() if 0 < c < float("inf")})
-    enforcer = Enforcer(monitor, SimResponder(sim, security, log), audit or MemoryAuditSink("monitor"))
+    enforcer = Enforcer(
+        monitor, SimResponder(sim, security, log), audit or MemoryAuditSink("monitor"), check_time_s=rules.check_time
+    )
     step = rules.step_s
     horizon = until_s or sim.spec.until_s or 600.0
 
@@ -213,7 +243,7 @@ def attach_monitor(
             for vm in alive:
                 app = sim.net.account_bytes(sim.account[vm])
                 mem = sim.net.account_bytes(sim.memory_account[vm])
-                d_app, d_mem = app - last_app[vm], mem - last_mem[vm]
+                d_app, d_mem = app - last_app.get(vm, 0.0), mem - last_mem.get(vm, 0.0)
                 last_app[vm], last_mem[vm] = app, mem
                 host = sim.location[vm]
                 moving = sim.migrating(vm)
@@ -221,17 +251,56 @@ def attach_monitor(
                     host = moving[0]
                 rtt = BASE_RTT_S / max(1.0 - util.get(host, 0.0), 0.01)
                 paused = now - sim.paused[vm] if vm in sim.paused else 0.0
-                enforcer.observe(TrafficSample(now, vm, host, d_app, rtt_s=rtt, memory=False, paused_s=paused))
-                if d_mem > 0:
+                live = moving is None or _is_live(sim, vm, moving[1], now)
+                shares = _by_destination(sim, sim.account[vm], d_app)
+                for i, (dst, nbytes) in enumerate(shares):
+                    enforcer.observe(
+                        TrafficSample(
+                            now,
+                            vm,
+                            host,
+                            nbytes,
+                            rtt_s=rtt if i == 0 else None,
+                            memory=False,
+                            paused_s=paused,
+                            dst=dst,
+                            live=live,
+                        )
+                    )
+                if d_mem > 0 or paused > 0:
                     stream = f"migration {moving[0]}->{moving[1]}" if moving else "migration"
-                    enforcer.observe(TrafficSample(now, vm, host, d_mem, flow=stream, memory=True, paused_s=paused))
+                    dst = moving[1] if moving else ""
+                    enforcer.observe(
+                        TrafficSample(
+                            now, vm, host, d_mem, flow=stream, memory=True, paused_s=paused, dst=dst, live=live
+                        )
+                    )
                 log.rates.setdefault(vm, []).append((now, (d_app + d_mem) / step))
-                log.window_rates.setdefault(vm, []).append((now, monitor.rate(vm, now)))
+                log.window_rates.setdefault(vm, []).append((now, monitor.judged_rate(vm, now)))
             log.vm_seconds += step * len(alive)
             log.verdicts.extend(enforcer.tick(now))
 
     sim.processes.append(process)
     return log
+
+
+def _is_live(sim: Simulation, vm: str, destination: str, now_s: float) -> bool:
+    """Is the VM's current migration to ``destination`` a live one (not a stop-and-copy, paused by design)?"""
+    specs = [m for m in sim.spec.migrations if m.vm == vm and m.destination == destination and m.at_s <= now_s]
+    return not specs or specs[-1].strategy != "stop-and-copy"
+
+
+def _by_destination(sim: Simulation, account: int, nbytes: float) -> list[tuple[str, float]]:
+    """``nbytes`` of an account split over the destination hosts of its flows, by their current rates."""
+    rates: dict[str, float] = {}
+    for flow in sim.net.flows_of(account):
+        if isinstance(flow.tag, tuple) and len(flow.tag) == 3:
+            dst = str(flow.tag[2])
+            rates[dst] = rates.get(dst, 0.0) + sim.net.rate_of(flow)
+    total = sum(rates.values())
+    if nbytes <= 0 or total <= 0:
+        return [("", nbytes)]
+    return [(dst, nbytes * r / total) for dst, r in sorted(rates.items())]
 
 
 def new_cluster(root: Path, hosts: list[str], revoked: list[str] | None = None) -> Cluster:

@@ -275,6 +275,8 @@ class FluidNetwork:
             if not busy and t1 >= bin_end:  # idle: skip whole bins at once
                 self._flush_bin()
                 self._bin = int(t1 // b)
+                while (self._bin + 1) * b <= t1:  # t1 // b can fall one bin short (1.0 // 0.1 == 9.0)
+                    self._bin += 1
                 t0 = t1 if t1 < (self._bin + 1) * b else self._bin * b
                 continue
             seg_end = min(t1, bin_end)

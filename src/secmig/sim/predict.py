@@ -7,6 +7,7 @@ whose path has the given latency, so a prediction and a scenario run can never d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 from secmig.errors import ConfigError
 from secmig.migration.policy import NonConvergence, policy_preset
@@ -61,14 +62,16 @@ def predict(
     budget_with_switchover_bandwidth: bool = True,
     postcopy_after_rounds: int = 1,
     hot_share: float = 0.9,
+    link_bytes_per_s: float | None = None,
 ) -> MigrationResult:
     """Simulate one migration of a VM with these parameters and return its result.
 
     ``bandwidth_bytes_per_s`` caps the live rounds (QEMU's max-bandwidth). The stop-and-copy and the
-    post-copy push are not capped and run at ``switchover_bandwidth_bytes_per_s`` (the link's speed;
-    default: the same as the cap). With ``budget_with_switchover_bandwidth`` the downtime budget uses
-    that speed too, as QEMU does when avail-switchover-bandwidth is set (QEMU ≥ 8.2); without it the
-    budget uses the measured, capped speed, as older QEMU does.
+    post-copy push are not capped (QEMU lifts its rate limit there, in every version) and run at the
+    link's speed: ``link_bytes_per_s``, else ``switchover_bandwidth_bytes_per_s``, else the cap. With
+    ``budget_with_switchover_bandwidth`` the downtime budget uses ``switchover_bandwidth_bytes_per_s``,
+    as QEMU ≥ 8.2 does when avail-switchover-bandwidth is set; otherwise the budget uses the measured,
+    capped speed, as QEMU 7.2 does.
     """
     if ram_bytes <= 0:
         raise ConfigError(f"--ram: {ram_bytes} must be positive")
@@ -85,7 +88,9 @@ def predict(
     )
     if switchover_bandwidth_bytes_per_s is not None and switchover_bandwidth_bytes_per_s <= 0:
         raise ConfigError("--switchover-bandwidth must be positive")
-    link = switchover_bandwidth_bytes_per_s or bandwidth_bytes_per_s
+    if link_bytes_per_s is not None and link_bytes_per_s <= 0:
+        raise ConfigError("--link must be positive")
+    link = link_bytes_per_s or switchover_bandwidth_bytes_per_s or bandwidth_bytes_per_s
     hosts = tuple(Host(name, "dc", link, math.inf, latency_s) for name in ("source", "destination"))
     vm = VM(
         name="vm",
@@ -117,3 +122,35 @@ def predict(
     )
     result = Simulation(spec, record_usage=False, record_flows=False).run()
     return result.migrations[0]
+
+
+def min_converging_bandwidth(
+    predict_at: Callable[[float], MigrationResult],
+    downtime_limit_s: float,
+    *,
+    low_bytes_per_s: float = 1e5,
+    high_bytes_per_s: float = 1e11,
+    rel_precision: float = 0.02,
+) -> float | None:
+    """The smallest cap at which ``predict_at(cap)`` converges with a downtime within the limit.
+
+    Bisection on a log scale between the bounds (convergence only gets easier with more bandwidth);
+    None when even ``high_bytes_per_s`` does not converge.
+    """
+
+    def ok(cap: float) -> bool:
+        r = predict_at(cap)
+        return r.converged and r.outcome == "completed" and r.downtime_s <= downtime_limit_s * 1.0001
+
+    if not ok(high_bytes_per_s):
+        return None
+    lo, hi = low_bytes_per_s, high_bytes_per_s
+    if ok(lo):
+        return lo
+    while hi / lo > 1 + rel_precision:
+        mid = math.sqrt(lo * hi)
+        if ok(mid):
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -20,7 +20,8 @@ from secmig.migration.policy import POLICY_PRESETS, NonConvergence, policy_prese
 from secmig.model.dirty import DirtyModel, Hotspot, NoDirtying, Sequential, Uniform, parse_trace_csv
 from secmig.model.infra import VM, Datacenter, Host, Infrastructure, WanLink
 from secmig.model.units import PAGE_SIZE, parse_bandwidth, parse_duration, parse_rate, parse_size
-from secmig.sim.engine import MigrationSpec, SimulationSpec, TrafficSpec
+from secmig.monitor.rules import parse_rules
+from secmig.sim.engine import AttackSpec, MigrationSpec, SimulationSpec, TrafficSpec
 from secmig.yamlfile import parse_yaml, read_yaml
 
 
@@ -92,10 +93,21 @@ class VMModel(_Model):
 StrategyName = Literal["precopy", "stop-and-copy", "postcopy", "hybrid"]
 
 
+OperationName = Literal["migrate", "copy", "move", "clone", "template"]
+GrantKind = Literal["valid", "none", "forged", "replayed", "stale"]
+
+
 class MigrationModel(_Model):
     vm: str
     to: str
     at: Duration = 0.0
+    operation: OperationName = Field(default="migrate", description="Table 4.1: migrate, copy, move, clone, template")
+    grant: GrantKind = Field(
+        default="valid",
+        description="valid; none; forged (a valid grant's expiry pushed back, its signature kept); "
+        "replayed (its nonce already used); stale (expired before the operation starts)",
+    )
+    psi: float | None = Field(default=None, gt=0, lt=1, description="eq. (6): stop once the rest is below psi x RAM")
     strategy: StrategyName | None = None
     auto_converge: bool | None = None
     switchover_bandwidth: Bandwidth | None = None
@@ -117,6 +129,18 @@ class TrafficModel(_Model):
     kind: Literal["app", "exfil"] = "app"
 
 
+class AttackModel(_Model):
+    """What a run is for the attack lab: the monitor and the gate are never told any of it, except
+    which hosts are outside the cluster (they get no Vsignature) and which migrations have no grant."""
+
+    kind: Literal["detection", "benign", "experiment"] = "detection"
+    target: str | None = None
+    start_s: float = Field(default=0.0, ge=0)
+    description: str = ""
+    outside: list[str] = []
+    ungranted: list[str] = Field(default=[], description="VMs whose scheduled operations have no grant")
+
+
 class DefaultsModel(_Model):
     strategy: StrategyName = "precopy"
     auto_converge: bool = False
@@ -125,6 +149,7 @@ class DefaultsModel(_Model):
     on_nonconvergence: NonConvergence | None = None
     max_bandwidth: Bandwidth | None = None
     max_time: Duration | None = None
+    psi: float | None = Field(default=None, gt=0, lt=1)
 
 
 class ScenarioModel(_Model):
@@ -139,6 +164,15 @@ class ScenarioModel(_Model):
     vms: list[VMModel] = []
     migrations: list[MigrationModel] = []
     traffic: list[TrafficModel] = []
+    attack: AttackModel | None = None
+    monitor: dict[str, Any] | None = Field(
+        default=None, description="Overrides of the monitor's rules (rules.yaml's shape) for this scenario"
+    )
+    secure: bool | None = Field(
+        default=None,
+        description="Run the gate (the real handshake per operation) and the monitor; default: when the "
+        "scenario has an attack block, a monitor block, or an operation other than a granted migrate",
+    )
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -181,9 +215,7 @@ def load_scenario(path: str | Path) -> tuple[ScenarioModel, SimulationSpec]:
     return model, build_spec(model, p.name, p.parent)
 
 
-def load_scenario_text(
-    text: str, source: str, base_dir: Path | None = None
-) -> tuple[ScenarioModel, SimulationSpec]:
+def load_scenario_text(text: str, source: str, base_dir: Path | None = None) -> tuple[ScenarioModel, SimulationSpec]:
     model = parse_scenario(parse_yaml(text, source), source)
     return model, build_spec(model, source, base_dir or Path("."))
 
@@ -218,9 +250,7 @@ def _expand_hosts(dc: DatacenterModel, i: int, source: str) -> list[Host]:
     hosts = []
     for j, h in enumerate(dc.hosts):
         if h.count > 1 and "{i}" not in h.name:
-            raise ConfigError(
-                f"{source}: datacenters[{i}].hosts[{j}].name: count > 1 needs {{i}} in the name"
-            )
+            raise ConfigError(f"{source}: datacenters[{i}].hosts[{j}].name: count > 1 needs {{i}} in the name")
         for k in range(1, h.count + 1):
             hosts.append(Host(h.name.replace("{i}", str(k)), dc.name, h.nic, h.vswitch, h.latency, h.macs))
     return hosts
@@ -285,19 +315,30 @@ def build_spec(model: ScenarioModel, source: str, base_dir: Path) -> SimulationS
             downtime_limit_s=m.downtime_limit if m.downtime_limit is not None else dflt.downtime_limit,
             on_nonconvergence=m.on_nonconvergence or dflt.on_nonconvergence,
             max_time_s=m.max_time if m.max_time is not None else dflt.max_time,
+            psi=m.psi if m.psi is not None else dflt.psi,
         )
+        strategy = m.strategy or dflt.strategy
+        if m.operation == "move":
+            if m.strategy not in (None, "stop-and-copy"):
+                raise ConfigError(f"{source}: {where}.strategy: a move is non-live: stop-and-copy only")
+            strategy = "stop-and-copy"  # the agents pause the guest before the first byte of a move
+        elif m.operation != "migrate" and strategy != "precopy":
+            raise ConfigError(f"{source}: {where}.strategy: a {m.operation} is a live pre-copy of the running VM")
+        grant = "none" if model.attack is not None and m.vm in model.attack.ungranted else m.grant
         max_bw = m.max_bandwidth if m.max_bandwidth is not None else dflt.max_bandwidth
         migrations.append(
             MigrationSpec(
                 m.vm,
                 m.to,
                 m.at,
-                m.strategy or dflt.strategy,
+                strategy,
                 policy,
                 max_bw or math.inf,
                 auto_converge=dflt.auto_converge if m.auto_converge is None else m.auto_converge,
                 switchover_bandwidth_bytes_per_s=m.switchover_bandwidth,
                 postcopy_after_rounds=m.postcopy_after,
+                operation=m.operation,
+                grant=grant,
             )
         )
     traffic = []
@@ -309,6 +350,16 @@ def build_spec(model: ScenarioModel, source: str, base_dir: Path) -> SimulationS
         if t.rate <= 0:
             raise ConfigError(f"{source}: traffic[{i}].rate: must be positive")
         traffic.append(TrafficSpec(t.src, t.to, t.rate, t.start, t.duration, kind=t.kind))
+    attack = _attack(model, source, host_names, vm_names)
+    if model.monitor is not None:
+        parse_rules(model.monitor, f"{source}: monitor")  # the same shape as rules.yaml, checked now
+    secure = model.secure
+    if secure is None:
+        secure = (
+            model.attack is not None
+            or model.monitor is not None
+            or any(m.operation != "migrate" or m.grant != "valid" for m in migrations)
+        )
     return SimulationSpec(
         name=model.name,
         infra=Infrastructure(
@@ -322,4 +373,22 @@ def build_spec(model: ScenarioModel, source: str, base_dir: Path) -> SimulationS
         seed=model.seed,
         until_s=model.until,
         usage_bin_s=model.usage_bin,
+        attack=attack,
+        secure=secure,
+        monitor_rules=dict(model.monitor) if model.monitor is not None else None,
     )
+
+
+def _attack(model: ScenarioModel, source: str, hosts: set[str], vms: set[str]) -> AttackSpec | None:
+    a = model.attack
+    if a is None:
+        return None
+    for h in a.outside:
+        if h not in hosts:
+            raise ConfigError(f"{source}: attack.outside: unknown host {h!r}")
+    for i, v in enumerate(a.ungranted):
+        if v not in vms:
+            raise ConfigError(f"{source}: attack.ungranted[{i}]: unknown vm {v!r}")
+    if a.target is not None and a.target not in vms:
+        raise ConfigError(f"{source}: attack.target: unknown vm {a.target!r}")
+    return AttackSpec(a.kind, a.target, a.start_s, a.description, tuple(a.outside), tuple(a.ungranted))

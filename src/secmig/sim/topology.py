@@ -26,9 +26,7 @@ class Topology:
         dcs = {dc.name: dc for dc in infra.datacenters}
         self.core: dict[str, int] = {}
         for dc in infra.datacenters:
-            self.core[dc.name] = net.add_link(
-                Link(f"{dc.name}/core", dc.core_bytes_per_s, dc.core_latency_s, "core")
-            )
+            self.core[dc.name] = net.add_link(Link(f"{dc.name}/core", dc.core_bytes_per_s, dc.core_latency_s, "core"))
         self.nic_tx: dict[str, int] = {}
         self.nic_rx: dict[str, int] = {}
         self.vswitch: dict[str, int] = {}
@@ -40,17 +38,13 @@ class Topology:
             half = h.nic_latency_s / 2
             self.nic_tx[h.name] = net.add_link(Link(f"{h.name}/nic-tx", h.nic_bytes_per_s, half, "nic"))
             self.nic_rx[h.name] = net.add_link(Link(f"{h.name}/nic-rx", h.nic_bytes_per_s, half, "nic"))
-            self.vswitch[h.name] = net.add_link(
-                Link(f"{h.name}/vswitch", h.vswitch_bytes_per_s, 0.0, "vswitch")
-            )
+            self.vswitch[h.name] = net.add_link(Link(f"{h.name}/vswitch", h.vswitch_bytes_per_s, 0.0, "vswitch"))
         self.wan: dict[tuple[str, str], int] = {}
         for w in infra.wan:
             for a, b in ((w.a, w.b), (w.b, w.a)):
                 if a not in dcs:
                     raise ConfigError(f"wan link {w.a}-{w.b}: unknown datacenter {a!r}")
-                self.wan[(a, b)] = net.add_link(
-                    Link(f"wan/{a}->{b}", w.bandwidth_bytes_per_s, w.latency_s, "wan")
-                )
+                self.wan[(a, b)] = net.add_link(Link(f"wan/{a}->{b}", w.bandwidth_bytes_per_s, w.latency_s, "wan"))
 
     def datacenter_of(self, host: str) -> str:
         try:

@@ -29,12 +29,17 @@ from secmig.agent.qemu.machine import (
     find_qemu,
 )
 from secmig.agent.qemu.migration import (
+    MemoryCheck,
     MigrationMeasurement,
     MigrationSettings,
     WriteRate,
+    compare_guest_memory,
+    installed_qemu_version,
     measure_write_rate,
     migrate,
+    tcg_dirty_sync_workaround,
 )
+from secmig.agent.qemu.profile import VMProfile, profile_vm
 from secmig.errors import ConfigError, GuestError, QemuError
 
 __all__ = [
@@ -42,14 +47,19 @@ __all__ = [
     "CalibrationConfig",
     "CalibrationRun",
     "ComparisonRow",
+    "LinuxCase",
+    "LinuxRun",
     "Prediction",
     "calibrate",
+    "cloudsim_linux",
     "cloudsim_prediction",
     "compare",
     "find_qemu",
     "measure_loopback_bandwidth",
     "predict_for",
+    "predict_linux",
     "run_calibration",
+    "run_linux_case",
 ]
 
 GUEST_BASE_USED_BYTES = 512 << 10
@@ -285,3 +295,96 @@ def compare(run: CalibrationRun, prediction: Prediction) -> list[ComparisonRow]:
 
 def _opt(v: int | None) -> float | None:
     return None if v is None else float(v)
+
+
+# ---- the Linux guest, predicted from its QMP socket alone ----
+
+
+@dataclass(frozen=True, slots=True)
+class LinuxCase:
+    """One Linux-guest case: the guest's workload, QEMU's settings, and the link's own speed."""
+
+    ram_bytes: int
+    working_set_bytes: int
+    dirty_pages_per_s: int
+    bandwidth_bytes_per_s: float
+    downtime_limit_s: float
+    pattern: str = "seq"
+    link_bytes_per_s: float | None = None
+    timeout_s: float = 60.0
+    qemu_binary: str | None = None
+    tcg_workaround: bool = False
+    """Apply :func:`tcg_dirty_sync_workaround` (correct memory, but slow syncs on larger guests)."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinuxRun:
+    """A Linux guest profiled live, then really migrated (with the TCG workaround), then checked."""
+
+    case: LinuxCase
+    profile: VMProfile
+    migration: MigrationMeasurement
+    memory: MemoryCheck | None
+    """Source and destination RAM compared before the destination ran (completed migrations only)."""
+    workaround: tuple[str, ...]
+
+
+async def run_linux_case(case: LinuxCase, workdir: Path | None = None) -> LinuxRun:
+    """Boot the Linux guest, profile it over QMP, migrate it on loopback, compare the two RAMs."""
+    from secmig.agent.qemu.linuxguest import LinuxGuestParams, boot_linux_guest, build_linux_guest
+
+    qemu = find_qemu(case.qemu_binary)
+    accel = choose_accel("auto")
+    image = await asyncio.to_thread(build_linux_guest)
+    params = LinuxGuestParams(
+        working_set_bytes=case.working_set_bytes, dirty_pages_per_s=case.dirty_pages_per_s, pattern=case.pattern
+    )
+    extra = (
+        tcg_dirty_sync_workaround(accel, installed_qemu_version(qemu), case.ram_bytes) if case.tcg_workaround else ()
+    )
+    config = image.machine_config(params, ram_bytes=case.ram_bytes, accel=accel, qemu_binary=qemu, extra_args=extra)
+    settings = MigrationSettings(case.bandwidth_bytes_per_s, case.downtime_limit_s, case.timeout_s)
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="secmig-lc-")))
+        async with boot_linux_guest("source", config, workdir) as (source, _ready):
+            await asyncio.sleep(1.0)
+            prof = await profile_vm(source)
+            # -S: the destination stays paused after the migration until its RAM has been compared.
+            dest_config = replace(config, incoming=True, extra_args=(*config.extra_args, "-S"))
+            async with QemuMachine("destination", dest_config, workdir) as dest:
+                measured = await migrate(source, dest, settings, track_guest=False)
+                memory = None
+                if measured.converged:
+                    memory = await compare_guest_memory(source, dest, case.ram_bytes, workdir)
+                    await dest.execute("cont")
+    return LinuxRun(case, prof, measured, memory, extra)
+
+
+def predict_linux(run: LinuxRun) -> Prediction:
+    """secmig's prediction of a Linux-guest case from its live profile and the case's QEMU settings."""
+    from secmig.sim.predict import predict
+
+    p = run.profile
+    c = run.case
+    result = predict(
+        ram_bytes=p.ram_bytes,
+        used_bytes=p.used_bytes,
+        dirty_rate_pages_per_s=p.fit.rate_pages_per_s,
+        working_set_bytes=p.working_set_bytes,
+        pattern=p.fit.pattern if p.fit.pattern != "none" else "uniform",
+        bandwidth_bytes_per_s=c.bandwidth_bytes_per_s,
+        downtime_limit_s=c.downtime_limit_s,
+        policy="qemu",
+        on_nonconvergence="abort",
+        max_time_s=c.timeout_s,
+        link_bytes_per_s=c.link_bytes_per_s,
+        budget_with_switchover_bandwidth=False,
+    )
+    return Prediction("secmig", result.total_time_s, result.downtime_s if result.converged else None,
+                      result.bytes_sent, len(result.rounds), result.converged)  # fmt: skip
+
+
+def cloudsim_linux(case: LinuxCase) -> Prediction:
+    """CloudSim's formula for a Linux-guest case: RAM ÷ (bandwidth / 2)."""
+    return Prediction("cloudsim", case.ram_bytes / (case.bandwidth_bytes_per_s / 2), None, None, None, True)
