@@ -226,9 +226,10 @@ def test_bridge_learns_and_capture_sees_the_mac_the_vm_announces(net: Net) -> No
         for _ in range(3):
             net.vm.send(frame)
 
+    sock = hostnet.open_capture(net.tap)  # frames count from here, however late the thread below runs
     t = threading.Thread(target=send_later)
     t.start()
-    seen = hostnet.capture_source_macs(net.tap, 1.5, max_frames=3)
+    seen = hostnet.capture_source_macs(net.tap, 1.5, max_frames=3, sock=sock)
     t.join()
     assert seen[0] == VM_MAC
     assert hostnet.learned_macs(net.bridge, net.tap) == {VM_MAC}

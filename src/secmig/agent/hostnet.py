@@ -294,15 +294,29 @@ def learned_macs(bridge: str, port: str) -> set[str]:
     return macs
 
 
-def capture_source_macs(dev: str, timeout_s: float, *, max_frames: int = 64) -> list[str]:
-    """Source MACs of the frames that arrive on ``dev`` from its far end (the VM, for a tap) within ``timeout_s``,
-    in the order first seen; stops after ``max_frames`` frames."""
+def open_capture(dev: str) -> socket.socket:
+    """A raw socket bound to ``dev``: frames count from this moment, so open it before what should be seen."""
     sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(_ETH_P_ALL))
-    seen: list[str] = []
     try:
         sock.bind((_check_name(dev), 0))
+    except OSError as err:
+        sock.close()
+        raise HostNetError(f"capture on {dev}: {err.strerror or err}") from err
+    return sock
+
+
+def capture_source_macs(
+    dev: str, timeout_s: float, *, max_frames: int = 64, sock: socket.socket | None = None
+) -> list[str]:
+    """Source MACs of the frames that arrive on ``dev`` from its far end (the VM, for a tap) within ``timeout_s``,
+    in the order first seen; stops after ``max_frames`` frames. ``sock`` (from :func:`open_capture`, closed
+    here) counts frames from when it was opened rather than from this call."""
+    sock = sock if sock is not None else open_capture(dev)
+    seen: list[str] = []
+    try:
         deadline = time.monotonic() + timeout_s
-        for _ in range(max_frames):
+        frames = 0  # only frames from the far end count: the host's own (IPv6 DAD, MLD…) are passed over
+        while frames < max_frames:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
@@ -313,6 +327,7 @@ def capture_source_macs(dev: str, timeout_s: float, *, max_frames: int = 64) -> 
                 break
             if addr[2] == _PACKET_OUTGOING or len(frame) < 14:
                 continue
+            frames += 1
             mac = _format_mac(frame[6:12])
             if mac not in seen:
                 seen.append(mac)

@@ -73,6 +73,9 @@ class MacCheck:
         return self.verdict.action
 
 
+_ANNOUNCE_ATTEMPTS = 3
+
+
 async def observe_announced_macs(
     bridge: str,
     tap: str,
@@ -82,18 +85,25 @@ async def observe_announced_macs(
 ) -> tuple[str, ...]:
     """The MACs the VM behind ``tap`` announces: source MACs of its frames within ``timeout_s`` (after
     ``announce()``, e.g. QEMU's ``announce-self``, is called), plus what ``bridge`` learned on the tap's port."""
-    capture = asyncio.create_task(asyncio.to_thread(hostnet.capture_source_macs, tap, timeout_s, max_frames=8))
-    await asyncio.sleep(0.05)  # let the capture socket bind before the first frame
-    try:
-        if announce is not None:
-            await announce()
-        captured = await capture
-    finally:
-        if not capture.done():
-            capture.cancel()
-            with contextlib.suppress(asyncio.CancelledError, HostNetError):
-                await capture
-    seen = list(captured)
+    seen: list[str] = []
+    # A loaded host can delay QEMU's announcement past one window: announce again before concluding that
+    # the VM announced nothing (which the binding check treats as DESTROY).
+    for _ in range(_ANNOUNCE_ATTEMPTS):
+        sock = hostnet.open_capture(tap)  # bound before the announcement, so no frame is missed
+        capture = asyncio.create_task(
+            asyncio.to_thread(hostnet.capture_source_macs, tap, timeout_s, max_frames=8, sock=sock)
+        )
+        try:
+            if announce is not None:
+                await announce()
+            seen = list(await capture)
+        finally:
+            if not capture.done():
+                capture.cancel()
+                with contextlib.suppress(asyncio.CancelledError, HostNetError):
+                    await capture
+        if seen or announce is None:
+            break
     with contextlib.suppress(HostNetError):
         seen += sorted(hostnet.learned_macs(bridge, tap) - set(seen))
     return tuple(seen)
