@@ -1,4 +1,5 @@
-"""Reading YAML input files with one clear error line: the one place every config loader goes through."""
+"""Reading YAML input files, and validating them, with one clear error line: the one place every config loader
+goes through (scenarios, rule files, host.yaml, VM definitions, sweep grids)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from secmig.errors import ConfigError
 
@@ -28,3 +30,30 @@ def read_yaml(path: Path, what: str = "") -> Any:
     except OSError as err:
         raise ConfigError(f"{prefix}{path}: cannot read: {err.strerror}") from None
     return parse_yaml(text, f"{prefix}{path.name}")
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def validation_error(source: str, exc: ValidationError) -> ConfigError:
+    """One line for what pydantic found wrong: ``source: field.path: value: problem (and N more)``.
+
+    A misspelt field also makes the real one "missing": the misspelling is named first.
+    """
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
+    if err["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif err["type"] == "missing":
+        msg = "required field is missing"
+    else:
+        msg = str(err["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        value = err.get("input")
+        if not isinstance(value, dict | list | tuple) and repr(value) not in msg and str(value) not in msg:
+            msg = f"{value!r}: {msg}"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return ConfigError(f"{source}: {_field_path(tuple(err['loc']))}: {msg}{more}")

@@ -53,8 +53,8 @@ def test_a_full_definition_reads_and_round_trips(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("field", "bad", "needle"),
     [
-        ("memory: 256MiB", "memory: 12 parsecs", "web1.yaml: memory: '12 parsecs'"),
-        ("mac: 52-54-00-AA-BB-CC", "mac: 52:54:zz", "web1.yaml: nics[0].mac: '52:54:zz'"),
+        ("memory: 256MiB", "memory: 12 parsecs", 'web1.yaml: memory: "12 parsecs" is not a size'),
+        ("mac: 52-54-00-AA-BB-CC", "mac: 52:54:zz", "web1.yaml: nics[0].mac: MAC address '52:54:zz'"),
         ("vcpus: 2", "vcpus: 0", "web1.yaml: vcpus: 0"),
         ("format: qcow2", "format: vmdk", "web1.yaml: disks[0].format: 'vmdk'"),
         ("accel: tcg", "accel: hyperv", "web1.yaml: accel: 'hyperv'"),

@@ -28,7 +28,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from secmig.errors import ConfigError, UnitError
 from secmig.model.units import parse_bandwidth, parse_duration
-from secmig.yamlfile import read_yaml
+from secmig.yamlfile import read_yaml, validation_error
 
 DEFAULT_PORT = 7300
 
@@ -177,8 +177,6 @@ class HostConfig(_Section):
         return self.qemu.tls_port or (listen_port or self.listen_address[1]) + 1
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
 
 
 def parse_config(data: Any, source: str, base: Path | None = None) -> HostConfig:
@@ -188,15 +186,7 @@ def parse_config(data: Any, source: str, base: Path | None = None) -> HostConfig
     try:
         cfg = HostConfig.model_validate(data)
     except ValidationError as exc:
-        # A misspelt field also makes the real one "missing": name the misspelling first.
-        err = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")[0]
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif err["type"] == "missing":
-            msg = "missing"
-        value = f" (got {err['input']!r})" if err["type"] not in ("missing", "extra_forbidden") else ""
-        raise ConfigError(f"{source}: {_loc(tuple(err['loc']))}: {msg}{value}") from None
+        raise validation_error(source, exc) from None
     if base is not None:
         cfg = cfg.model_copy(
             update={

@@ -42,7 +42,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from secmig.errors import ConfigError, UnitError
 from secmig.model.units import PAGE_SIZE, parse_rate, parse_size
 from secmig.security.credentials import check_id, normalize_mac
-from secmig.yamlfile import parse_yaml, read_yaml
+from secmig.yamlfile import parse_yaml, read_yaml, validation_error
 
 _MIB = 1 << 20
 RESERVED_ARGS = frozenset(
@@ -238,25 +238,8 @@ class VMDefinition(_Model):
         return f"{TAP_PREFIX}{h[:10]}{index}"[:15]
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
 
 
-def _message(err: Any) -> str:
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    if err["type"] == "extra_forbidden":
-        return "unknown field"
-    if err["type"] == "missing":
-        return "required field is missing"
-    if "input" in err and not isinstance(err["input"], dict | list | tuple):
-        msg = f"{err['input']!r}: {msg}"
-    return msg
 
 
 def parse_definition(data: Any, source: str) -> VMDefinition:
@@ -266,9 +249,7 @@ def parse_definition(data: Any, source: str) -> VMDefinition:
     try:
         return VMDefinition.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {_loc(tuple(first['loc']))}: {_message(first)}{more}") from None
+        raise validation_error(source, exc) from None
 
 
 def load_definition(path: str | Path) -> VMDefinition:

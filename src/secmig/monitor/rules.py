@@ -16,7 +16,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from secmig.errors import ConfigError, UnitError
 from secmig.model.units import parse_duration
 from secmig.monitor.samples import Action
-from secmig.yamlfile import parse_yaml, read_yaml
+from secmig.yamlfile import parse_yaml, read_yaml, validation_error
 
 
 def _duration(value: Any) -> Any:
@@ -157,8 +157,6 @@ class RuleSet(BaseModel):
         return self.step if self.step is not None else self.window / 10
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    return ".".join(str(p) for p in loc) or "(top level)"
 
 
 def parse_rules(data: Any, source: str) -> RuleSet:
@@ -171,12 +169,11 @@ def parse_rules(data: Any, source: str) -> RuleSet:
         return RuleSet.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
-        msg = str(err["msg"]).removeprefix("Value error, ")
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif err["type"] == "enum":
-            msg = f"{err['input']!r} is not an action ({', '.join(a.value for a in Action)})"
-        raise ConfigError(f"{source}: {_loc(tuple(err['loc']))}: {msg}") from None
+        if err["type"] == "enum":
+            where = ".".join(str(p) for p in err["loc"])
+            actions = ", ".join(a.value for a in Action)
+            raise ConfigError(f"{source}: {where}: {err['input']!r} is not an action ({actions})") from None
+        raise validation_error(source, exc) from None
 
 
 def with_overrides(rules: RuleSet, overrides: dict[str, Any] | None, source: str) -> RuleSet:

@@ -22,7 +22,7 @@ from secmig.model.infra import VM, Datacenter, Host, Infrastructure, WanLink
 from secmig.model.units import PAGE_SIZE, parse_bandwidth, parse_duration, parse_rate, parse_size
 from secmig.monitor.rules import parse_rules
 from secmig.sim.engine import AttackSpec, MigrationSpec, SimulationSpec, TrafficSpec
-from secmig.yamlfile import parse_yaml, read_yaml
+from secmig.yamlfile import parse_yaml, read_yaml, validation_error
 
 
 def _unit(parser: Any) -> Any:
@@ -175,25 +175,8 @@ class ScenarioModel(_Model):
     )
 
 
-def _loc(loc: tuple[int | str, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
 
 
-def _message(err: Any) -> str:
-    msg = str(err["msg"])
-    for prefix in ("Value error, ", "Assertion failed, "):
-        if msg.startswith(prefix):
-            msg = msg[len(prefix) :]
-    if err["type"] == "extra_forbidden":
-        return "unknown field"
-    if err["type"] == "missing":
-        return "required field is missing"
-    if err["type"] not in ("value_error",) and "input" in err and not isinstance(err["input"], dict | list):
-        msg = f"{err['input']!r}: {msg}"
-    return msg
 
 
 def parse_scenario(data: Any, source: str) -> ScenarioModel:
@@ -203,9 +186,7 @@ def parse_scenario(data: Any, source: str) -> ScenarioModel:
     try:
         return ScenarioModel.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ConfigError(f"{source}: {_loc(tuple(first['loc']))}: {_message(first)}{more}") from None
+        raise validation_error(source, exc) from None
 
 
 def load_scenario(path: str | Path) -> tuple[ScenarioModel, SimulationSpec]:
