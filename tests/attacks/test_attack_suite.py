@@ -19,6 +19,7 @@ from secmig.lab.attacks import (
 )
 from secmig.monitor import Action, RuleSet
 from secmig.security.policy import Operation
+from secmig.sim.gate import SimGate
 from secmig.sim.monitoring import new_cluster
 
 
@@ -153,3 +154,19 @@ def test_every_grantable_operation_without_a_grant_is_in_the_suite() -> None:
     """Clone, copy and template (Table 4.1's insider operations) each have a grant-less attack."""
     names = {f"unauthorized-{op.value}" for op in (Operation.CLONE, Operation.COPY, Operation.TEMPLATE)}
     assert names <= set(AUTH_ATTACKS)
+
+
+def test_a_harvest_with_a_stolen_valid_grant_is_first_caught_by_the_data_rule() -> None:
+    """Issue 15: an insider with a valid, stolen grant runs a never-converging pre-copy to a member it controls,
+    at the VM's preset rate. The gate admits it (the grant verifies) and no rate rule sees it; the first rule
+    to act is data > 3 × VRAM, which stops the stream and leaves the VM on its source."""
+    run = run_scenario(scenario_files()["stolen-grant-harvest"], RuleSet())
+    gate = run.sim.gate
+    assert isinstance(gate, SimGate)
+    assert [d.accepted for vm, _op, d in gate.decisions if vm == "cache-1"] == [True]
+    hits = [v for v in run.log.verdicts if v.vm == "cache-1" and v.action is not Action.CONTINUE]
+    assert hits and hits[0].rule == "data" and hits[0].action is Action.ABORT
+    assert hits[0].evidence["moved_bytes"] > 3 * run.sim.vms["cache-1"].ram_bytes
+    assert run.sim.location["cache-1"] == "west-h2" and "cache-1" not in run.sim.destroyed
+    r = run_attack("stolen-grant-harvest")
+    assert r.stopped and r.rule == "data"

@@ -92,3 +92,36 @@ def test_granted_operations_complete_with_their_effect() -> None:
         result = run.sim.results[0]
         # A move is non-live (stop-and-copy: all of it is downtime); the others are live pre-copies.
         assert result.strategy == ("stop-and-copy" if op == "move" else "precopy")
+
+
+TWICE = """
+name: twice
+seed: 1
+until: 30s
+datacenters:
+  - name: dc
+    hosts:
+      - {name: h1, nic: 1Gbit/s, latency: 100us}
+      - {name: h2, nic: 1Gbit/s, latency: 100us}
+      - {name: h3, nic: 1Gbit/s, latency: 100us}
+vms:
+  - {name: vm, host: h1, ram: 64MiB, used: 48MiB, transfer_rate: 200MB/s,
+     dirty: {pattern: uniform, rate: 200pages/s, working_set: 8MiB}}
+migrations:
+  - {vm: vm, to: h2, at: 1s, operation: migrate, policy: paper}
+  - {vm: vm, to: h3, at: 10s, operation: {op}, policy: paper}
+"""
+
+
+@pytest.mark.parametrize("op", ["migrate", "move"])
+def test_a_vm_moved_twice_completes_both_moves(op: str) -> None:
+    """Grants are issued when each operation starts, from the VM's binding then: the second move of the
+    same VM (from h2, where the first left it) passes the gate and completes."""
+    _, spec = load_scenario_text(TWICE.replace("{op}", op), "twice.yaml", Path("."))
+    assert isinstance(spec, SimulationSpec)
+    run = run_secure(spec, RuleSet())
+    assert [d.accepted for _vm, _op, d in run.gate.decisions] == [True, True]
+    assert [e.completed for e in run.sim.effects] == [True, True]
+    assert run.sim.location["vm"] == "h3"
+    assert {(src, dst) for (_vm, src, dst) in run.security.grants} == {("h1", "h2"), ("h2", "h3")}
+    assert run.security.bindings["vm"].host_id == "h3" and run.security.bindings["vm"].epoch == 2

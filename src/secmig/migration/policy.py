@@ -19,6 +19,17 @@ from secmig.model.units import PAGE_SIZE
 
 NonConvergence = Literal["force", "abort"]
 
+DOWNTIME_THRESHOLD_S = 2.0
+"""The paper's downtime threshold ("Est. Th value" of eq. 3, in seconds): a VM whose stop-and-copy
+downtime Tsd exceeds it behaves abnormally, and "downtime > Th value → destroy VM & migration".
+
+One threshold, two places it acts: the ``paper`` preset does not start a stop-and-copy whose estimated
+downtime is over it (:attr:`StopPolicy.abort_if_downtime_over_s`; the VM stays on its source), and the
+monitor's ``downtime`` rule flags a pause that lasts longer (``rules.yaml``: ``downtime.threshold``). The
+rule file is the setting: when a scenario runs under the monitor, its ``downtime.threshold`` replaces the
+preset's abort limit (:meth:`StopPolicy.with_downtime_threshold`); this constant is the default of both.
+"""
+
 
 @dataclass(frozen=True, slots=True)
 class StopPolicy:
@@ -37,7 +48,9 @@ class StopPolicy:
     """Hard cap on the live phase, for every policy."""
     on_nonconvergence: NonConvergence = "force"
     abort_if_downtime_over_s: float | None = None
-    """The paper's eq. (3): a stop-and-copy whose estimated downtime exceeds this is not started."""
+    """The paper's eq. (3): a stop-and-copy whose estimated downtime exceeds this is not started. For the
+    ``paper`` preset this is the downtime threshold :data:`DOWNTIME_THRESHOLD_S`; under the monitor the rule
+    file's ``downtime.threshold`` replaces it (:meth:`with_downtime_threshold`), so one value drives both."""
     check_in_round: bool = False
     """Test the downtime budget as pages are sent (QEMU), not only when a whole round has been sent."""
     psi: float | None = None
@@ -62,6 +75,13 @@ class StopPolicy:
             return self
         pages = max(math.ceil(self.psi * ram_bytes / PAGE_SIZE), 1)
         return replace(self, dirty_pages_threshold=max(pages, self.dirty_pages_threshold or 0))
+
+    def with_downtime_threshold(self, threshold_s: float) -> StopPolicy:
+        """This policy with the downtime threshold of eq. (3) set to ``threshold_s`` (the monitor's
+        ``downtime.threshold``), when the policy aborts on it at all; unchanged otherwise."""
+        if self.abort_if_downtime_over_s is None:
+            return self
+        return replace(self, abort_if_downtime_over_s=threshold_s)
 
     def with_overrides(
         self,
@@ -99,14 +119,15 @@ POLICY_PRESETS: dict[str, StopPolicy] = {
     "xen": StopPolicy(
         name="xen", dirty_pages_threshold=50, max_rounds=30, max_data_factor=3.0, on_nonconvergence="force"
     ),
-    # The paper: Th = 50 pages; more than 3 × VRAM sent forces the stop; a downtime over its limit
-    # destroys the migration (the VM stays where it was).
+    # The paper: Th = 50 pages; more than 3 × VRAM sent forces the stop; a downtime over the downtime
+    # threshold (DOWNTIME_THRESHOLD_S, the monitor's downtime rule) destroys the migration (the VM stays
+    # where it was).
     "paper": StopPolicy(
         name="paper",
         dirty_pages_threshold=50,
         max_data_factor=3.0,
         on_nonconvergence="force",
-        abort_if_downtime_over_s=0.3,
+        abort_if_downtime_over_s=DOWNTIME_THRESHOLD_S,
     ),
 }
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from secmig.errors import ConfigError, UnitError
+from secmig.migration.policy import DOWNTIME_THRESHOLD_S
 from secmig.model.units import parse_duration
 from secmig.monitor.samples import Action
 from secmig.yamlfile import parse_yaml, read_yaml, validation_error
@@ -87,9 +88,17 @@ class DowntimeRule(_Rule):
     link says nothing of the VM either. Only a failed identity check leads to ``on_failed_challenge``: the
     default action is ``abort``, which checks first. ``destroy`` here is carried out as "check, then destroy
     on failure, abort otherwise" (see :func:`secmig.monitor.actions.carry_out`).
+
+    ``threshold`` is the paper's one downtime threshold ("Est. Th value", eq. 3): under the monitor it is
+    also the ``paper`` stop policy's abort limit (a stop-and-copy estimated to last longer is not started),
+    see :data:`secmig.migration.policy.DOWNTIME_THRESHOLD_S`.
     """
 
-    threshold: Duration = Field(default=2.0, gt=0)
+    threshold: Duration = Field(
+        default=DOWNTIME_THRESHOLD_S,
+        gt=0,
+        description="the paper's downtime threshold (eq. 3): also the paper stop policy's abort limit",
+    )
     stall: Duration = Field(default=2.0, gt=0, description="non-live: no memory byte for this long is a stall")
     action: Action = Action.ABORT
 

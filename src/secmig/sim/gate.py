@@ -50,8 +50,8 @@ STALE_BY_S = 60.0
 
 def build_security(spec: SimulationSpec, root: Path, epoch_s: float | None = None) -> SimSecurity:
     """A real cluster for the scenario in ``root``: every host a member except ``attack.outside`` (who
-    join a second, untrusted cluster), a location binding per VM, and a grant per scheduled operation as
-    its ``grant`` field says."""
+    join a second, untrusted cluster) and a location binding per VM. Grants are not issued here: the
+    gate asks for each when its operation starts (:func:`issue_grant_for`), from the VM's binding then."""
     epoch = time.time() if epoch_s is None else epoch_s
     outside = set(spec.attack.outside) if spec.attack is not None else set()
     hosts = [h.name for h in spec.infra.hosts]
@@ -61,31 +61,40 @@ def build_security(spec: SimulationSpec, root: Path, epoch_s: float | None = Non
     security.outside_cluster = rogue
     for vm in spec.vms:
         security.bindings[vm.name] = cluster.issue_binding(vm.name, vm.mac, vm.host, 0, now=epoch)
-    first_host = {vm.name: vm.host for vm in spec.vms}
-    ram = {vm.name: vm.ram_bytes for vm in spec.vms}
-    for m in spec.migrations:
-        if m.grant == "none":
-            continue
-        src = first_host[m.vm]
-        op = Operation(m.operation)
-        issued = epoch + m.at_s - 2 * STALE_BY_S if m.grant == "stale" else epoch
-        ttl = STALE_BY_S if m.grant == "stale" else 3600.0
-        grant = cluster.issue_grant(
-            op,
-            m.vm,
-            src,
-            m.destination,
-            current_binding=security.bindings[m.vm],
-            ttl_s=ttl,
-            now=issued,
-            memory_bytes=max(ram[m.vm], PAGE),
-        )
-        if m.grant == "forged":
-            grant = replace(grant, expires_at=grant.expires_at + 86_400)  # signed before the edit
-        if m.grant == "replayed":
-            security.spent.append(grant)
-        security.grants[(m.vm, src, m.destination)] = grant
     return security
+
+
+def issue_grant_for(
+    security: SimSecurity, spec: MigrationSpec, source: str, now_s: float, ram_bytes: int
+) -> Grant | None:
+    """The grant ``spec`` presents when it starts at simulated ``now_s`` from ``source`` (None for ``grant:
+    none``), issued by the cluster's authority from the VM's *current* binding, as an operator asks for a
+    grant when the operation begins: a VM moved once is granted its next move from where it now is.
+
+    ``forged``: a valid grant whose expiry was pushed back after signing; ``replayed``: its nonce is
+    recorded as spent (a session already used it); ``stale``: expired :data:`STALE_BY_S` before ``now_s``.
+    The grant is kept in ``security.grants`` under (vm, source, destination) for the monitor and the lab.
+    """
+    if spec.grant == "none":
+        return None
+    at = security.at(now_s)
+    stale = spec.grant == "stale"
+    grant = security.cluster.issue_grant(
+        Operation(spec.operation),
+        spec.vm,
+        source,
+        spec.destination,
+        current_binding=security.bindings[spec.vm],
+        ttl_s=STALE_BY_S if stale else 3600.0,
+        now=at - 2 * STALE_BY_S if stale else at,
+        memory_bytes=max(ram_bytes, PAGE),
+    )
+    if spec.grant == "forged":
+        grant = replace(grant, expires_at=grant.expires_at + 86_400)  # signed before the edit
+    if spec.grant == "replayed":
+        security.spent.append(grant)
+    security.grants[(spec.vm, source, spec.destination)] = grant
+    return grant
 
 
 class SimGate:
@@ -97,9 +106,6 @@ class SimGate:
         self.audit = audit or MemoryAuditSink("gate")
         self.nonces = MemoryNonceStore()
         self.registry = MemoryBindingRegistry()
-        for grant in security.spent:
-            # The recorded session already used this grant: its nonce is spent at the destination.
-            self.nonces.consume(grant.nonce, grant.expires_at, security.at(0.0))
         self._members = {m.host_id for m in security.cluster.members()}
         self._ends: dict[str, tuple[HostIdentity, ClusterTrust]] = {}
         self.decisions: list[tuple[str, str, GateDecision]] = []
@@ -116,7 +122,10 @@ class SimGate:
     def __call__(self, spec: MigrationSpec, source: str, now_s: float) -> GateDecision:
         """Run the handshake for ``spec`` from ``source`` at simulated ``now_s``; refuse or admit it."""
         vm = self.sim.vms[spec.vm]
-        grant: Grant | None = self.security.grants.get((spec.vm, source, spec.destination))
+        grant = issue_grant_for(self.security, spec, source, now_s, vm.ram_bytes)
+        if grant is not None and spec.grant == "replayed":
+            # The recorded session already used this grant: its nonce is spent at the destination.
+            self.nonces.consume(grant.nonce, grant.expires_at, self.security.at(now_s))
         request = MigrationRequest(
             Operation(spec.operation),
             spec.vm,
@@ -172,8 +181,14 @@ class SecureRun:
 
 def run_secure(spec: SimulationSpec, rules: RuleSet, audit: AuditSink | None = None) -> SecureRun:
     """Run ``spec`` with its real cluster, the gate before every operation and the monitor (``rules``
-    with the scenario's ``monitor:`` overrides laid over them)."""
+    with the scenario's ``monitor:`` overrides laid over them). The rules' ``downtime.threshold`` becomes
+    the abort limit of every stop policy that has one (the ``paper`` preset's): one threshold for both."""
     rules = with_overrides(rules, spec.monitor_rules, f"{spec.name}: monitor")
+    # One downtime threshold (the paper's eq. 3): the rule's value is also each policy's abort limit.
+    threshold = rules.downtime.threshold
+    spec = replace(
+        spec, migrations=tuple(replace(m, policy=m.policy.with_downtime_threshold(threshold)) for m in spec.migrations)
+    )
     with tempfile.TemporaryDirectory() as tmp:
         security = build_security(spec, Path(tmp))
         sim = Simulation(spec)

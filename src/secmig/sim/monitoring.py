@@ -95,10 +95,16 @@ class SimSecurity:
         return ok, f"grant for {vm} {src}→{dst} verifies; {why}" if ok else why
 
     def moved(self, vm: str, src: str, dst: str) -> None:
-        """A granted move completed: the grant's next binding becomes the VM's binding."""
+        """A granted move completed: the grant's next binding becomes the VM's binding, here and in the
+        authority's location register (so the VM's next operation is granted from where it now is)."""
         grant = self.grants.get((vm, src, dst))
         if grant is not None and grant.next_binding is not None:
             self.bindings[vm] = grant.next_binding
+            register = self.cluster.location_register()
+            try:
+                register.place(grant.next_binding)  # the register's commit of the move, as the agents do
+            finally:
+                register.close()
 
     def check_location(self, vm: str, mac: str, host: str) -> tuple[bool, str]:
         """Is the VM where its signed location binding says?"""
