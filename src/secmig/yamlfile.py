@@ -3,13 +3,14 @@ goes through (scenarios, rule files, host.yaml, VM definitions, sweep grids)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BeforeValidator, ValidationError
 
-from secmig.errors import ConfigError
+from secmig.errors import ConfigError, UnitError
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -57,3 +58,19 @@ def validation_error(source: str, exc: ValidationError) -> ConfigError:
             msg = f"{value!r}: {msg}"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return ConfigError(f"{source}: {_field_path(tuple(err['loc']))}: {msg}{more}")
+
+
+def unit_validator(parse: Callable[[Any], Any]) -> BeforeValidator:
+    """A field validator that parses a quantity with a unit (``"4GiB"``, ``"300ms"``): a :class:`UnitError`
+    becomes the field's error, so :func:`validation_error` names file, field and value. ``None`` passes
+    through untouched, for optional fields."""
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except UnitError as err:
+            raise ValueError(str(err)) from None
+
+    return BeforeValidator(convert)

@@ -24,33 +24,17 @@ import ipaddress
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from secmig.errors import ConfigError, UnitError
+from secmig.errors import ConfigError
 from secmig.model.units import parse_bandwidth, parse_duration
-from secmig.yamlfile import read_yaml, validation_error
+from secmig.yamlfile import read_yaml, unit_validator, validation_error
 
 DEFAULT_PORT = 7300
 
 
-def _duration(value: Any) -> Any:
-    try:
-        return parse_duration(value)
-    except UnitError as err:
-        raise ValueError(str(err)) from None
-
-
-def _bandwidth(value: Any) -> Any:
-    if value is None:
-        return None
-    try:
-        return parse_bandwidth(value)
-    except UnitError as err:
-        raise ValueError(str(err)) from None
-
-
-Duration = Annotated[float, BeforeValidator(_duration)]
-Bandwidth = Annotated[float, BeforeValidator(_bandwidth)]
+Duration = Annotated[float, unit_validator(parse_duration)]
+Bandwidth = Annotated[float, unit_validator(parse_bandwidth)]
 
 
 def parse_address(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:

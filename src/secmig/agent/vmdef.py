@@ -39,10 +39,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from secmig.errors import ConfigError, UnitError
+from secmig.errors import ConfigError
 from secmig.model.units import PAGE_SIZE, parse_rate, parse_size
 from secmig.security.credentials import check_id, normalize_mac
-from secmig.yamlfile import parse_yaml, read_yaml, validation_error
+from secmig.yamlfile import parse_yaml, read_yaml, unit_validator, validation_error
 
 _MIB = 1 << 20
 RESERVED_ARGS = frozenset(
@@ -56,16 +56,6 @@ RESERVED_ARGS = frozenset(
 TAP_PREFIX = "smt"
 
 
-def _unit(parser: Any) -> Any:
-    def convert(value: Any) -> Any:
-        try:
-            return parser(value)
-        except UnitError as err:
-            raise ValueError(str(err)) from None
-
-    return BeforeValidator(convert)
-
-
 def _mac(value: Any) -> Any:
     if isinstance(value, int):  # YAML 1.1 reads 52:54:00:12:34:56 as a base-60 number
         raise ValueError("YAML read this MAC as a number: quote it, e.g. '52:54:00:12:34:56'")
@@ -77,9 +67,11 @@ def _mac(value: Any) -> Any:
         raise ValueError(str(err)) from None
 
 
-Size = Annotated[int, _unit(parse_size)]
-ByteRate = Annotated[float, _unit(lambda v: parse_rate(v).in_bytes_per_s())]
-PageRate = Annotated[float, _unit(lambda v: float(v) if isinstance(v, int | float) else parse_rate(v).in_pages_per_s())]
+Size = Annotated[int, unit_validator(parse_size)]
+ByteRate = Annotated[float, unit_validator(lambda v: parse_rate(v).in_bytes_per_s())]
+PageRate = Annotated[
+    float, unit_validator(lambda v: float(v) if isinstance(v, int | float) else parse_rate(v).in_pages_per_s())
+]
 """Page writes per second; a plain number is pages/s (so the JSON form reads back as itself)."""
 Mac = Annotated[str, BeforeValidator(_mac)]
 

@@ -11,23 +11,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from secmig.errors import ConfigError, UnitError
+from secmig.errors import ConfigError
 from secmig.migration.policy import DOWNTIME_THRESHOLD_S
 from secmig.model.units import parse_duration
 from secmig.monitor.samples import Action
-from secmig.yamlfile import parse_yaml, read_yaml, validation_error
+from secmig.yamlfile import parse_yaml, read_yaml, unit_validator, validation_error
 
-
-def _duration(value: Any) -> Any:
-    try:
-        return parse_duration(value)
-    except UnitError as err:
-        raise ValueError(str(err)) from None
-
-
-Duration = Annotated[float, BeforeValidator(_duration)]
+Duration = Annotated[float, unit_validator(parse_duration)]
 
 
 class _Rule(BaseModel):

@@ -13,33 +13,22 @@ import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from secmig.errors import ConfigError, UnitError
+from secmig.errors import ConfigError
 from secmig.migration.policy import POLICY_PRESETS, NonConvergence, policy_preset
 from secmig.model.dirty import DirtyModel, Hotspot, NoDirtying, Sequential, Uniform, parse_trace_csv
 from secmig.model.infra import VM, Datacenter, Host, Infrastructure, WanLink
 from secmig.model.units import PAGE_SIZE, parse_bandwidth, parse_duration, parse_rate, parse_size
 from secmig.monitor.rules import parse_rules
 from secmig.sim.engine import AttackSpec, MigrationSpec, SimulationSpec, TrafficSpec
-from secmig.yamlfile import parse_yaml, read_yaml, validation_error
+from secmig.yamlfile import parse_yaml, read_yaml, unit_validator, validation_error
 
-
-def _unit(parser: Any) -> Any:
-    def convert(value: Any) -> Any:
-        try:
-            return parser(value)
-        except UnitError as err:
-            raise ValueError(str(err)) from None
-
-    return BeforeValidator(convert)
-
-
-Size = Annotated[int, _unit(parse_size)]
-Bandwidth = Annotated[float, _unit(parse_bandwidth)]
-Duration = Annotated[float, _unit(parse_duration)]
-PageRate = Annotated[float, _unit(lambda v: parse_rate(v).in_pages_per_s())]
-ByteRate = Annotated[float, _unit(lambda v: parse_rate(v).in_bytes_per_s())]
+Size = Annotated[int, unit_validator(parse_size)]
+Bandwidth = Annotated[float, unit_validator(parse_bandwidth)]
+Duration = Annotated[float, unit_validator(parse_duration)]
+PageRate = Annotated[float, unit_validator(lambda v: parse_rate(v).in_pages_per_s())]
+ByteRate = Annotated[float, unit_validator(lambda v: parse_rate(v).in_bytes_per_s())]
 
 
 class _Model(BaseModel):
